@@ -1,0 +1,133 @@
+"""In-memory resource store with the same versioning model as the SQL backends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from datastore.resources import (
+    MAX_TIME,
+    MIN_TIME,
+    ExportQuery,
+    Page,
+    ResourceStore,
+    Row,
+    VersionRow,
+    WriteResult,
+    to_micros,
+)
+from datastore.versioning import new_version
+from exportsvc.records import utcnow
+
+
+@dataclass(slots=True)
+class _Version:
+    seq: int
+    type: str
+    id: str
+    version: int
+    last_updated: int
+    raw: bytes | None
+    patients: frozenset[str]
+    next_seq: int | None = None
+
+
+class MemoryResourceStore(ResourceStore):
+    def __init__(self) -> None:
+        self._versions: list[_Version] = []
+        self._current: dict[tuple[str, str], _Version] = {}
+
+    async def current_seq(self) -> int:
+        return len(self._versions)
+
+    def _append(self, entry: _Version) -> None:
+        previous = self._current.get((entry.type, entry.id))
+        if previous is not None:
+            previous.next_seq = entry.seq
+        self._versions.append(entry)
+        self._current[(entry.type, entry.id)] = entry
+
+    async def write(
+        self, resources: Iterable[Mapping[str, Any]], *, keep_last_updated: bool = False
+    ) -> WriteResult:
+        result = WriteResult()
+        now = utcnow()
+        for resource in resources:
+            current = self._current.get((resource.get("resourceType"), resource.get("id")))  # type: ignore[arg-type]
+            previous = (current.version, current.raw) if current else None
+            version = new_version(resource, previous, now, keep_last_updated=keep_last_updated)
+            if version is None:
+                result.unchanged += 1
+                continue
+            if current:
+                result.updated += 1
+            else:
+                result.created += 1
+            self._append(
+                _Version(
+                    len(self._versions) + 1,
+                    version.type,
+                    version.id,
+                    version.version,
+                    version.last_updated,
+                    version.raw,
+                    version.patients,
+                )
+            )
+            result.versions.append((version.type, version.id, version.version))
+        return result
+
+    async def delete(self, type_: str, id_: str) -> bool:
+        current = self._current.get((type_, id_))
+        if current is None or current.raw is None:
+            return False
+        stamp = to_micros(utcnow(), 0)
+        seq = len(self._versions) + 1
+        self._append(_Version(seq, type_, id_, current.version + 1, stamp, None, frozenset()))
+        return True
+
+    def _visible(self, v: _Version, snap: int) -> bool:
+        return v.seq <= snap and (v.next_seq is None or v.next_seq > snap) and v.raw is not None
+
+    async def read(self, type_: str, id_: str, as_of: int | None = None) -> dict[str, Any] | None:
+        snap = len(self._versions) if as_of is None else as_of
+        for v in self._versions:
+            if v.type == type_ and v.id == id_ and self._visible(v, snap):
+                assert v.raw is not None
+                return dict(orjson.loads(v.raw))
+        return None
+
+    async def types(self, as_of: int) -> list[str]:
+        return sorted({v.type for v in self._versions[:as_of]})
+
+    def _matches(self, v: _Version, query: ExportQuery) -> bool:
+        since, until = to_micros(query.since, MIN_TIME), to_micros(query.until, MAX_TIME)
+        if v.type != query.type or not self._visible(v, query.snapshot_seq):
+            return False
+        if not since <= v.last_updated <= until:
+            return False
+        if query.patients is not None:
+            return not v.patients.isdisjoint(query.patients)
+        return bool(v.patients) if query.compartment else True
+
+    async def page(self, query: ExportQuery, after_seq: int, limit: int) -> Page:
+        rows: list[Row] = []
+        for v in self._versions[after_seq:]:
+            if self._matches(v, query):
+                assert v.raw is not None
+                rows.append(Row(v.seq, v.id, v.version, v.raw))
+                if len(rows) == limit:
+                    break
+        return Page(rows, rows[-1].seq if rows else after_seq, len(rows) < limit)
+
+    async def count(self, query: ExportQuery) -> int:
+        return sum(1 for v in self._versions if self._matches(v, query))
+
+    async def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:
+        for v in list(self._versions):
+            yield VersionRow(
+                v.seq, v.type, v.id, v.version, v.next_seq, v.last_updated, v.raw is None, v.raw
+            )

@@ -1,0 +1,126 @@
+"""The resource store: versioned FHIR resources (DESIGN.md section 2).
+
+Every write creates a new version with a store-wide increasing sequence number, and the
+version it replaces remembers the sequence of its successor (``next_seq``). The latest
+version of a resource as of snapshot ``S`` is therefore the one row with
+``seq <= S < next_seq`` (``next_seq`` null meaning infinity): an export reads exactly the
+store as of its kick-off, whatever is written while it runs. Pages are keyset pages over
+``(type, seq)``, resumed from a continuation point, never OFFSET.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+MIN_TIME = -(2**62)
+MAX_TIME = 2**62
+
+
+def to_micros(instant: datetime | None, default: int) -> int:
+    """An aware datetime as microseconds since the epoch (the store's time column)."""
+    if instant is None:
+        return default
+    return int(instant.timestamp() * 1_000_000)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportQuery:
+    """Which resources of one type an export reads, as of ``snapshot_seq``."""
+
+    type: str
+    snapshot_seq: int
+    since: datetime | None = None
+    until: datetime | None = None
+    compartment: bool = False
+    """Only resources in some Patient's compartment (Patient and Group level)."""
+    patients: Sequence[str] | None = None
+    """With ``compartment``: only those in one of these Patients' compartments."""
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    seq: int
+    id: str
+    version: int
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    rows: list[Row]
+    next_after: int
+    """The continuation point: the last ``seq`` read (or the input one if empty)."""
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRow:
+    """One stored version, deleted ones included: what the DataValidator reads."""
+
+    seq: int
+    type: str
+    id: str
+    version: int
+    next_seq: int | None
+    last_updated: int
+    deleted: bool
+    raw: bytes | None
+
+
+@dataclass(slots=True)
+class WriteResult:
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    versions: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+class ResourceStore(abc.ABC):
+    async def open(self) -> None:  # noqa: B027 - optional hook
+        """Connect and create the schema."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    @abc.abstractmethod
+    async def current_seq(self) -> int:
+        """The sequence of the newest committed version (0 for an empty store)."""
+
+    @abc.abstractmethod
+    async def write(
+        self, resources: Iterable[Mapping[str, Any]], *, keep_last_updated: bool = False
+    ) -> WriteResult:
+        """Store each resource as a new version (one transaction).
+
+        Sets ``meta.versionId`` and ``meta.lastUpdated`` (the latter kept as given when
+        ``keep_last_updated``, as the seeder does to spread data over past years). A
+        resource whose content equals its current version creates no new version.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, type_: str, id_: str) -> bool:
+        """Record a deletion as a new version; False when there is nothing to delete."""
+
+    @abc.abstractmethod
+    async def read(self, type_: str, id_: str, as_of: int | None = None) -> dict[str, Any] | None:
+        """The latest non-deleted version as of sequence ``as_of`` (default: now)."""
+
+    @abc.abstractmethod
+    async def types(self, as_of: int) -> list[str]:
+        """The resource types with at least one version at or before ``as_of``."""
+
+    @abc.abstractmethod
+    async def page(self, query: ExportQuery, after_seq: int, limit: int) -> Page:
+        """Up to ``limit`` matching rows with ``seq > after_seq``, in ``seq`` order."""
+
+    @abc.abstractmethod
+    async def count(self, query: ExportQuery) -> int:
+        """How many resources ``query`` matches (for progress)."""
+
+    @abc.abstractmethod
+    def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:
+        """Every stored version in ``seq`` order, deleted ones included."""

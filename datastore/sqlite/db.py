@@ -1,0 +1,105 @@
+"""A SQLite connection driven from asyncio: every call runs on one dedicated thread.
+
+sqlite3 blocks, so it never runs on the event loop. One connection per store object,
+one thread per connection; several processes may share the file (WAL mode, busy timeout).
+Named queries live in ``sql/*.sql`` (``-- name: x`` sections); migrations are numbered
+files in ``sql/migrations`` applied in order and tracked in ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_SQL = resources.files("datastore.sqlite") / "sql"
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+@cache
+def queries(filename: str) -> dict[str, str]:
+    """The named queries of ``sql/<filename>``."""
+    text = (_SQL / filename).read_text()
+    parts = _NAME.split(text)[1:]
+    return {name: body.strip() for name, body in zip(parts[::2], parts[1::2], strict=True)}
+
+
+def migrations() -> list[tuple[int, str]]:
+    found = []
+    for entry in (_SQL / "migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
+    return sorted(found)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in migrations():
+            if number > current:
+                for statement in script.split(";\n"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {int(number)}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+class SqliteDatabase:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{self.path.name}")
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = await self._submit(self._connect)
+        await self.run(_migrate)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA mmap_size = 268435456")
+        conn.execute("PRAGMA cache_size = -65536")
+        return conn
+
+    async def _submit(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` on the database thread."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError(f"database {self.path} is not open")
+        return await self._submit(lambda: fn(conn))
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._submit(conn.close)
+        self._executor.shutdown(wait=True)
+
+
+def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run ``fn`` in one write transaction (taken at once, so it cannot deadlock)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result

@@ -1,0 +1,123 @@
+"""SQLite operation data store (and the secret table beside it)."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from datastore.columns import epoch, record_from_row, save_params
+from datastore.operations import JobControl, OperationDataStore
+from datastore.sqlite.db import SqliteDatabase, queries, transaction
+from exportsvc.errors import LeaseLost, TooManyJobs
+from exportsvc.records import ExportJobRecord
+
+Q = queries("operations.sql")
+
+
+class SqliteOperationDataStore(OperationDataStore):
+    def __init__(self, path: Path | str) -> None:
+        self.db = SqliteDatabase(path)
+
+    async def open(self) -> None:
+        await self.db.open()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def create_export(
+        self, record: ExportJobRecord, *, max_active_per_client: int
+    ) -> tuple[ExportJobRecord, bool]:
+        key = {"client": record.client, "fingerprint": record.fingerprint}
+
+        def create(conn: sqlite3.Connection) -> tuple[str, bool]:
+            existing = conn.execute(Q["find_active"], key).fetchone()
+            if existing:
+                return existing[0], False
+            active = conn.execute(Q["count_active"], key).fetchone()[0]
+            if active >= max_active_per_client:
+                raise TooManyJobs(
+                    f"this client already has {active} active export jobs "
+                    f"(limit {max_active_per_client}); retry when one has finished",
+                    headers={"Retry-After": "30"},
+                )
+            conn.execute(
+                Q["insert"],
+                {
+                    **key,
+                    "id": record.id,
+                    "kind": record.kind,
+                    "status": record.status.value,
+                    "lease_version": record.lease.version,
+                    "retry_after": epoch(record.retry_after),
+                    "created_at": epoch(record.created_at),
+                    "record": record.model_dump_json(),
+                },
+            )
+            return record.id, True
+
+        job_id, created = await self.db.run(lambda c: transaction(c, create))
+        stored = await self.get(job_id)
+        assert stored is not None
+        return stored, created
+
+    async def get(self, job_id: str) -> ExportJobRecord | None:
+        row = await self.db.run(lambda c: c.execute(Q["get"], {"id": job_id}).fetchone())
+        return record_from_row(row) if row else None
+
+    async def acquire(
+        self, owner: str, lease_seconds: float, now: datetime
+    ) -> ExportJobRecord | None:
+        params = {
+            "owner": owner,
+            "now": epoch(now),
+            "expires": epoch(now + timedelta(seconds=lease_seconds)),
+        }
+        row = await self.db.run(
+            lambda c: transaction(c, lambda t: t.execute(Q["acquire"], params).fetchone())
+        )
+        return record_from_row(row) if row else None
+
+    async def heartbeat(
+        self, job_id: str, version: int, lease_seconds: float, now: datetime
+    ) -> JobControl:
+        params = {
+            "id": job_id,
+            "version": version,
+            "expires": epoch(now + timedelta(seconds=lease_seconds)),
+        }
+        row = await self.db.run(
+            lambda c: transaction(c, lambda t: t.execute(Q["heartbeat"], params).fetchone())
+        )
+        if row is None:
+            raise LeaseLost()
+        return JobControl(cancel_requested=bool(row[0]), pause_requested=bool(row[1]))
+
+    async def save(self, record: ExportJobRecord) -> None:
+        params = save_params(record)
+        count = await self.db.run(lambda c: c.execute(Q["save"], params).rowcount)
+        if count != 1:
+            raise LeaseLost()
+
+    async def request_cancel(self, job_id: str) -> bool:
+        count = await self.db.run(lambda c: c.execute(Q["request_cancel"], {"id": job_id}).rowcount)
+        return bool(count == 1)
+
+    async def list(self, *, client: str | None = None, limit: int = 100) -> list[ExportJobRecord]:
+        params: dict[str, object] = {"limit": limit, "client": client}
+        sql = Q["list_all"] if client is None else Q["list_client"]
+        rows = await self.db.run(lambda c: c.execute(sql, params).fetchall())
+        return [record_from_row(r) for r in rows]
+
+    # -- secrets (ciphertext only; exportsvc.secrets encrypts) -------------------------
+
+    async def put_secret(self, name: str, ciphertext: bytes) -> None:
+        params = {"name": name, "ciphertext": ciphertext}
+        await self.db.run(lambda c: c.execute(Q["put_secret"], params))
+
+    async def get_secret(self, name: str) -> bytes | None:
+        row = await self.db.run(lambda c: c.execute(Q["get_secret"], {"name": name}).fetchone())
+        return bytes(row[0]) if row else None
+
+    async def delete_secret(self, name: str) -> None:
+        await self.db.run(lambda c: c.execute(Q["delete_secret"], {"name": name}))

@@ -1,0 +1,76 @@
+-- name: find_active
+SELECT id FROM jobs
+WHERE client = :client AND fingerprint = :fingerprint AND cancel_requested = 0
+  AND status IN ('queued', 'running', 'retriable', 'paused')
+ORDER BY created_at LIMIT 1;
+
+-- name: count_active
+SELECT count(*) FROM jobs
+WHERE client = :client AND cancel_requested = 0
+  AND status IN ('queued', 'running', 'retriable', 'paused');
+
+-- name: insert
+INSERT INTO jobs (id, kind, client, fingerprint, status, lease_version, retry_after,
+                  created_at, record)
+VALUES (:id, :kind, :client, :fingerprint, :status, :lease_version, :retry_after,
+        :created_at, :record);
+
+-- name: get
+SELECT record, status, lease_owner, lease_version, lease_expires, restart_count,
+       cancel_requested, pause_requested
+FROM jobs WHERE id = :id;
+
+-- name: acquire
+UPDATE jobs SET
+    restart_count = restart_count + (status = 'running'),
+    status = 'running',
+    lease_owner = :owner,
+    lease_version = lease_version + 1,
+    lease_expires = :expires
+WHERE id = (
+    SELECT id FROM jobs
+    WHERE (status = 'queued' AND pause_requested = 0)
+       OR (status = 'retriable' AND retry_after <= :now AND pause_requested = 0)
+       OR (status = 'running' AND lease_expires < :now)
+       OR (cancel_requested = 1 AND status IN ('queued', 'retriable', 'paused', 'completed', 'failed'))
+    ORDER BY created_at LIMIT 1
+)
+RETURNING record, status, lease_owner, lease_version, lease_expires, restart_count,
+          cancel_requested, pause_requested;
+
+-- name: heartbeat
+UPDATE jobs SET lease_expires = :expires
+WHERE id = :id AND lease_version = :version AND status = 'running'
+RETURNING cancel_requested, pause_requested;
+
+-- name: save
+UPDATE jobs SET
+    status = :status,
+    lease_owner = :owner,
+    lease_expires = :expires,
+    retry_after = :retry_after,
+    record = :record
+WHERE id = :id AND lease_version = :version;
+
+-- name: request_cancel
+UPDATE jobs SET cancel_requested = 1
+WHERE id = :id AND cancel_requested = 0 AND status != 'cancelled';
+
+-- name: list_all
+SELECT record, status, lease_owner, lease_version, lease_expires, restart_count,
+       cancel_requested, pause_requested
+FROM jobs ORDER BY created_at DESC LIMIT :limit;
+
+-- name: list_client
+SELECT record, status, lease_owner, lease_version, lease_expires, restart_count,
+       cancel_requested, pause_requested
+FROM jobs WHERE client = :client ORDER BY created_at DESC LIMIT :limit;
+
+-- name: put_secret
+INSERT OR REPLACE INTO secrets (name, ciphertext) VALUES (:name, :ciphertext);
+
+-- name: get_secret
+SELECT ciphertext FROM secrets WHERE name = :name;
+
+-- name: delete_secret
+DELETE FROM secrets WHERE name = :name;

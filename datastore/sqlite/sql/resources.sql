@@ -1,0 +1,84 @@
+-- name: current_seq
+SELECT coalesce(max(seq), 0) FROM resources;
+
+-- name: current_version
+SELECT seq, version, deleted, raw FROM resources
+WHERE type = :type AND id = :id AND next_seq IS NULL;
+
+-- name: current_versions
+SELECT id, seq, version, raw FROM resources
+WHERE type = :type AND next_seq IS NULL AND id IN (SELECT value FROM json_each(:ids));
+
+-- name: insert_version
+INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: supersede_many
+UPDATE resources SET next_seq = ? WHERE seq = ?;
+
+-- name: supersede
+UPDATE resources SET next_seq = :next_seq WHERE seq = :seq;
+
+-- name: insert_patient
+INSERT OR IGNORE INTO resource_patients (patient_id, seq) VALUES (?, ?);
+
+-- name: read_as_of
+SELECT raw FROM resources
+WHERE type = :type AND id = :id AND seq <= :as_of
+  AND (next_seq IS NULL OR next_seq > :as_of) AND deleted = 0;
+
+-- name: types
+SELECT DISTINCT type FROM resources WHERE seq <= :as_of ORDER BY type;
+
+-- name: page_all
+SELECT seq, id, version, raw FROM resources
+WHERE type = :type AND seq > :after AND seq <= :snap
+  AND (next_seq IS NULL OR next_seq > :snap) AND deleted = 0
+  AND last_updated >= :since AND last_updated <= :until
+ORDER BY seq LIMIT :limit;
+
+-- name: page_compartment
+SELECT seq, id, version, raw FROM resources AS r
+WHERE type = :type AND seq > :after AND seq <= :snap
+  AND (next_seq IS NULL OR next_seq > :snap) AND deleted = 0
+  AND last_updated >= :since AND last_updated <= :until
+  AND EXISTS (SELECT 1 FROM resource_patients AS rp WHERE rp.seq = r.seq)
+ORDER BY seq LIMIT :limit;
+
+-- name: page_patients
+SELECT seq, id, version, raw FROM resources AS r
+WHERE type = :type AND seq > :after AND seq <= :snap
+  AND (next_seq IS NULL OR next_seq > :snap) AND deleted = 0
+  AND last_updated >= :since AND last_updated <= :until
+  AND EXISTS (
+    SELECT 1 FROM resource_patients AS rp
+    WHERE rp.seq = r.seq AND rp.patient_id IN (SELECT value FROM json_each(:patients))
+  )
+ORDER BY seq LIMIT :limit;
+
+-- name: count_all
+SELECT count(*) FROM resources
+WHERE type = :type AND seq <= :snap
+  AND (next_seq IS NULL OR next_seq > :snap) AND deleted = 0
+  AND last_updated >= :since AND last_updated <= :until;
+
+-- name: count_compartment
+SELECT count(*) FROM resources AS r
+WHERE type = :type AND seq <= :snap
+  AND (next_seq IS NULL OR next_seq > :snap) AND deleted = 0
+  AND last_updated >= :since AND last_updated <= :until
+  AND EXISTS (SELECT 1 FROM resource_patients AS rp WHERE rp.seq = r.seq);
+
+-- name: count_patients
+SELECT count(*) FROM resources AS r
+WHERE type = :type AND seq <= :snap
+  AND (next_seq IS NULL OR next_seq > :snap) AND deleted = 0
+  AND last_updated >= :since AND last_updated <= :until
+  AND EXISTS (
+    SELECT 1 FROM resource_patients AS rp
+    WHERE rp.seq = r.seq AND rp.patient_id IN (SELECT value FROM json_each(:patients))
+  );
+
+-- name: scan_versions
+SELECT seq, type, id, version, next_seq, last_updated, deleted, raw FROM resources
+WHERE seq > :after ORDER BY seq LIMIT :limit;

@@ -1,0 +1,5 @@
+"""The HTTP surface (aiohttp)."""
+
+from exportsvc.api.app import create_app
+
+__all__ = ["create_app"]

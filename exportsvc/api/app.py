@@ -1,0 +1,43 @@
+"""The aiohttp app factory: stores, secrets and the in-process worker in cleanup contexts."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from exportsvc.api import export, metadata
+from exportsvc.api.keys import OPERATIONS, RESOURCES, SECRETS, SETTINGS, WORKER
+from exportsvc.api.outcome import outcome_middleware
+from exportsvc.runtime import open_runtime
+from exportsvc.settings import Settings
+from exportsvc.worker import Worker
+
+
+def create_app(settings: Settings, *, with_worker: bool = True) -> web.Application:
+    app = web.Application(middlewares=[outcome_middleware], client_max_size=1 << 20)
+    app[SETTINGS] = settings
+    app.add_routes(export.routes)
+    app.add_routes(metadata.routes)
+    app.cleanup_ctx.append(_runtime)
+    if with_worker:
+        app.cleanup_ctx.append(_worker)
+    return app
+
+
+async def _runtime(app: web.Application) -> AsyncIterator[None]:
+    async with open_runtime(app[SETTINGS]) as runtime:
+        app[OPERATIONS] = runtime.operations
+        app[RESOURCES] = runtime.resources
+        app[SECRETS] = runtime.secrets
+        app[WORKER] = runtime.worker()
+        yield
+
+
+async def _worker(app: web.Application) -> AsyncIterator[None]:
+    worker: Worker = app[WORKER]
+    task = asyncio.create_task(worker.run(), name="worker")
+    yield
+    worker.stop()
+    await task

@@ -1,0 +1,191 @@
+"""Bulk Data ``$export``: kick-off, status, cancel, and the output files."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from email.utils import format_datetime
+
+import orjson
+from aiohttp import web
+
+from destinations import create_destination, default_secret
+from exportsvc.api.keys import OPERATIONS, RESOURCES, SECRETS, SETTINGS, WORKER, base_url, client_of
+from exportsvc.api.outcome import outcome_response
+from exportsvc.errors import NotFound
+from exportsvc.params import parameters_body, parse_export_request
+from exportsvc.records import ExportJobRecord, ExportKind, JobStatus, utcnow
+from exportsvc.submit import submit_export
+
+NDJSON = "application/fhir+ndjson"
+routes = web.RouteTableDef()
+
+
+def status_url(request: web.Request, job_id: str) -> str:
+    return f"{base_url(request)}/_operations/export/{job_id}"
+
+
+async def _kickoff(
+    request: web.Request, kind: ExportKind, group_id: str | None = None
+) -> web.Response:
+    if request.method == "POST":
+        pairs = parameters_body(await request.read())
+    else:
+        pairs = list(request.query.items())
+    export = parse_export_request(
+        kind,
+        pairs,
+        method=request.method,
+        request_url=str(request.url),
+        prefer=request.headers.get("Prefer"),
+        accept=request.headers.get("Accept"),
+        group_id=group_id,
+    )
+    app = request.app
+    stored, created = await submit_export(
+        export,
+        client=client_of(request),
+        operations=app[OPERATIONS],
+        resources=app[RESOURCES],
+        secrets=app[SECRETS],
+        settings=app[SETTINGS],
+    )
+    if created:
+        app[WORKER].wake()
+    return outcome_response(
+        202,
+        "export accepted" if created else "an identical export of this client is running",
+        code="informational",
+        severity="information",
+        headers={"Content-Location": status_url(request, stored.id)},
+    )
+
+
+@routes.route("*", "/$export")
+async def system_export(request: web.Request) -> web.Response:
+    _allow(request)
+    return await _kickoff(request, ExportKind.SYSTEM)
+
+
+@routes.route("*", "/Patient/$export")
+async def patient_export(request: web.Request) -> web.Response:
+    _allow(request)
+    return await _kickoff(request, ExportKind.PATIENT)
+
+
+@routes.route("*", "/Group/{group_id}/$export")
+async def group_export(request: web.Request) -> web.Response:
+    _allow(request)
+    return await _kickoff(request, ExportKind.GROUP, request.match_info["group_id"])
+
+
+def _allow(request: web.Request) -> None:
+    if request.method not in ("GET", "POST"):
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "POST"])
+
+
+async def _visible_job(request: web.Request) -> ExportJobRecord:
+    """The job named in the URL, if it exists for this client (else 404: no leaks)."""
+    job_id = request.match_info["job_id"]
+    record = await request.app[OPERATIONS].get(job_id) if len(job_id) <= 64 else None
+    if record is None or record.client != client_of(request) or not record.visible:
+        raise NotFound(f"no export job {job_id!r}")
+    return record
+
+
+def _expires(record: ExportJobRecord, request: web.Request) -> str:
+    ttl = request.app[SETTINGS].output_ttl_seconds
+    finished = record.completed_at or utcnow()
+    return format_datetime(finished + timedelta(seconds=ttl), usegmt=True)
+
+
+def manifest(record: ExportJobRecord, base: str) -> dict[str, object]:
+    def entry(f_type: str, name: str, count: int) -> dict[str, object]:
+        return {"type": f_type, "url": f"{base}/_output/{record.id}/{name}", "count": count}
+
+    output = [entry(f.type, f.name, f.count) for f in record.output if f.role == "output"]
+    errors = [entry(f.type, f.name, f.count) for f in record.output if f.role == "error"]
+    return {
+        "transactionTime": record.transaction_time.isoformat().replace("+00:00", "Z"),
+        "request": record.request.request_url,
+        "requiresAccessToken": False,
+        "output": output,
+        "error": errors,
+    }
+
+
+def progress_headers(record: ExportJobRecord) -> dict[str, str]:
+    done, total = record.resources_done, record.total_estimate
+    if total is None:
+        progress = f"{record.status.value}: waiting for a worker"
+    else:
+        percent = 100 if total == 0 else min(100, math.floor(100 * done / total))
+        progress = f"{done}/{total} resources ({percent}%)"
+    retry = 1
+    if record.started_at is not None and total:
+        elapsed = (utcnow() - record.started_at).total_seconds()
+        rate = done / elapsed if elapsed > 0 and done else 0
+        remaining = max(total - done, 0)
+        retry = math.ceil(remaining / rate / 4) if rate else 2
+    if record.status == JobStatus.RETRIABLE and record.retry_after is not None:
+        retry = math.ceil((record.retry_after - utcnow()).total_seconds())
+    return {"X-Progress": progress[:100], "Retry-After": str(min(max(retry, 1), 120))}
+
+
+@routes.get("/_operations/export/{job_id}")
+async def export_status(request: web.Request) -> web.Response:
+    record = await _visible_job(request)
+    if record.status == JobStatus.COMPLETED:
+        return web.json_response(
+            manifest(record, base_url(request)),
+            headers={"Expires": _expires(record, request)},
+            dumps=_dumps,
+        )
+    if record.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        return outcome_response(
+            record.error_status or 500,
+            f"the export failed: {record.last_error or 'unknown error'}",
+        )
+    return web.Response(status=202, headers=progress_headers(record))
+
+
+@routes.delete("/_operations/export/{job_id}")
+async def export_cancel(request: web.Request) -> web.Response:
+    record = await _visible_job(request)
+    if not await request.app[OPERATIONS].request_cancel(record.id):
+        raise NotFound(f"no export job {record.id!r}")
+    request.app[WORKER].wake()
+    return outcome_response(
+        202,
+        "the export was cancelled; its files are being deleted",
+        code="informational",
+        severity="information",
+    )
+
+
+@routes.get("/_output/{job_id}/{name}")
+async def export_file(request: web.Request) -> web.StreamResponse:
+    record = await _visible_job(request)
+    name = request.match_info["name"]
+    if record.status != JobStatus.COMPLETED or name not in {f.name for f in record.output}:
+        raise NotFound(f"no file {name!r} in export {record.id!r}")
+    settings = request.app[SETTINGS]
+    dest = create_destination(record.id, default_secret(settings), settings)
+    headers = {"Content-Type": NDJSON, "Expires": _expires(record, request)}
+    path = dest.local_path(name)
+    gzip = "gzip" in request.headers.get("Accept-Encoding", "").lower()
+    if path is not None and not gzip:
+        response: web.StreamResponse = web.FileResponse(path, headers=headers)
+        return response
+    response = web.StreamResponse(headers=headers)
+    if gzip:
+        response.enable_compression(web.ContentCoding.gzip)
+    await response.prepare(request)
+    async for chunk in dest.read(name):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+def _dumps(value: object) -> str:
+    return orjson.dumps(value).decode()

@@ -1,0 +1,135 @@
+"""``exportsvc``: serve | worker | seed | validate | jobs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from datastore.resources import WriteResult
+from destinations import create_destination, default_secret
+from exportsvc import logs
+from exportsvc.api import create_app
+from exportsvc.runtime import open_runtime
+from exportsvc.settings import Settings
+from exportsvc.validator import validate_export
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    app = create_app(settings, with_worker=not args.no_worker)
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        print=lambda _msg: print(
+            f"exportsvc serving on http://{args.host}:{args.port}", flush=True
+        ),
+        access_log=None,
+        shutdown_timeout=settings.drain_grace_seconds,
+    )
+    return 0
+
+
+async def _worker(settings: Settings) -> int:
+    async with open_runtime(settings) as runtime:
+        worker = runtime.worker()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        await worker.run()
+    return 0
+
+
+async def _seed(args: argparse.Namespace, settings: Settings) -> int:
+    from exportsvc.seed import generate
+
+    async with open_runtime(settings) as runtime:
+        if args.if_empty and await runtime.resources.current_seq() > 0:
+            print("the store already holds data; not seeding (--if-empty)")
+            return 0
+        started, total = time.perf_counter(), 0
+        writing: asyncio.Task[WriteResult] | None = None
+        # Generate the next batch while the database thread writes the previous one.
+        resources = generate(args.patients, seed=args.seed)
+        while batch := list(itertools.islice(resources, 10_000)):
+            if writing is not None:
+                total += (await writing).created
+            writing = asyncio.create_task(runtime.resources.write(batch, keep_last_updated=True))
+        if writing is not None:
+            total += (await writing).created
+        elapsed = time.perf_counter() - started
+        print(
+            f"seeded {total} resources for {args.patients} patients in {elapsed:.1f}s "
+            f"({total / elapsed:,.0f} resources/s) into {settings.database_path}"
+        )
+    return 0
+
+
+async def _validate(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_runtime(settings) as runtime:
+        record = await runtime.operations.get(args.job_id)
+        if record is None:
+            print(f"no export job {args.job_id!r}", file=sys.stderr)
+            return 2
+        dest = create_destination(record.id, default_secret(settings), settings)
+        report = await validate_export(record, runtime.resources, dest)
+        print(report.render())
+        return 0 if report.ok else 1
+
+
+async def _jobs(args: argparse.Namespace, settings: Settings) -> int:
+    async with open_runtime(settings) as runtime:
+        records = await runtime.operations.list(limit=args.limit)
+    print(f"{'id':<34}{'status':<11}{'progress':>22}{'fails':>6}{'restarts':>9}  last error")
+    for r in records:
+        total = "?" if r.total_estimate is None else str(r.total_estimate)
+        progress = f"{r.resources_done}/{total}"
+        print(
+            f"{r.id:<34}{r.status.value:<11}{progress:>22}{r.failure_count:>6}"
+            f"{r.restart_count:>9}  {r.last_error or ''}"
+        )
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exportsvc", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the API with an in-process worker")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--no-worker", action="store_true", help="API only")
+    sub.add_parser("worker", help="run a worker (no API)")
+    seed = sub.add_parser("seed", help="write deterministic synthetic demo data")
+    seed.add_argument("--patients", type=int, required=True)
+    seed.add_argument("--seed", type=int, default=0)
+    seed.add_argument("--if-empty", action="store_true", help="do nothing if data exists")
+    validate = sub.add_parser("validate", help="compare a finished export with the store")
+    validate.add_argument("job_id")
+    jobs = sub.add_parser("jobs", help="list jobs with status and progress")
+    jobs.add_argument("--limit", type=int, default=50)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    settings = Settings()
+    logs.configure()
+    if args.command == "serve":
+        return _serve(args, settings)
+    if args.command == "worker":
+        return asyncio.run(_worker(settings))
+    if args.command == "seed":
+        return asyncio.run(_seed(args, settings))
+    if args.command == "validate":
+        return asyncio.run(_validate(args, settings))
+    return asyncio.run(_jobs(args, settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

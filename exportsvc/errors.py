@@ -1,0 +1,104 @@
+"""One exception tree for the whole service.
+
+Every error a client can cause or see is an :class:`ExportSvcError`. The HTTP middleware
+turns it into a FHIR ``OperationOutcome`` with ``status``; the worker reads ``retriable``
+to decide between a backoff and a final failure. The docstring is the default message.
+Messages must never contain a secret: they are shown to clients and written to logs.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ExportSvcError(Exception):
+    """The export service failed."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "exception"  # FHIR issue-type code
+    retriable: ClassVar[bool] = False
+
+    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None):
+        self.message = message or (self.__doc__ or "").strip()
+        self.headers = headers or {}
+        super().__init__(self.message)
+
+
+# -- client errors -------------------------------------------------------------------
+
+
+class InvalidRequest(ExportSvcError):
+    """The request is invalid."""
+
+    status = 400
+    code = "invalid"
+
+
+class NotSupported(InvalidRequest):
+    """The request uses a feature this server does not support."""
+
+    code = "not-supported"
+
+
+class NotFound(ExportSvcError):
+    """No such resource."""
+
+    status = 404
+    code = "not-found"
+
+
+class Conflict(ExportSvcError):
+    """The request conflicts with the state of the job."""
+
+    status = 409
+    code = "conflict"
+
+
+class TooManyJobs(ExportSvcError):
+    """Too many running jobs for this client; retry later."""
+
+    status = 429
+    code = "throttled"
+
+
+# -- job and storage errors ----------------------------------------------------------
+
+
+class LeaseLost(ExportSvcError):
+    """This worker no longer holds the job's lease; another worker owns it now."""
+
+    code = "conflict"
+
+
+class JobCancelled(ExportSvcError):
+    """The job was cancelled."""
+
+
+class DestinationError(ExportSvcError):
+    """The export destination failed."""
+
+    status = 502
+    retriable = True
+
+
+class DestinationAuthError(DestinationError):
+    """Authorization failed for the destination."""
+
+    retriable = False
+
+
+class DestinationConflict(DestinationError):
+    """The destination changed since the last checkpoint; another writer touched it."""
+
+
+class SecretNotFound(ExportSvcError):
+    """The job's destination secret is missing."""
+
+    retriable = True
+
+
+class StoreError(ExportSvcError):
+    """The resource store failed."""
+
+    status = 503
+    retriable = True

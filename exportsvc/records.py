@@ -1,0 +1,136 @@
+"""Job records: the single source of truth for every job (DESIGN.md section 3).
+
+A record is stored as JSON beside a few indexed columns. Fields that other parties change
+while a worker holds the job (``status`` at acquisition, the lease, ``restart_count``,
+``cancel_requested``, ``pause_requested``) live in those columns, and the store overlays
+them on the JSON when it loads a record, so a worker's checkpoint never overwrites a
+cancel request made meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Literal
+
+import orjson
+from pydantic import BaseModel, Field
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRIABLE = "retriable"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = frozenset(
+    {JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.RETRIABLE, JobStatus.PAUSED}
+)
+
+
+class ExportKind(StrEnum):
+    SYSTEM = "system"
+    PATIENT = "patient"
+    GROUP = "group"
+
+
+class ExportRequest(BaseModel):
+    """What the client asked for, normalised (parsing lives in ``exportsvc.params``)."""
+
+    kind: ExportKind
+    group_id: str | None = None
+    types: list[str] = Field(default_factory=list)
+    """Requested ``_type`` values; empty means every type the store holds."""
+    since: datetime | None = None
+    until: datetime | None = None
+    patients: list[str] = Field(default_factory=list)
+    output_format: str = "application/fhir+ndjson"
+    request_url: str
+    """The kick-off URL as the client sent it: the manifest's ``request``."""
+    ignored: list[str] = Field(default_factory=list)
+    """Problems ignored under ``Prefer: handling=lenient``; reported in the error file."""
+
+    def fingerprint(self) -> str:
+        """Identity of the request for de-duplication: everything but the URL spelling."""
+        body = self.model_dump(mode="json", exclude={"request_url", "ignored"})
+        body["types"] = sorted(body["types"])
+        body["patients"] = sorted(body["patients"])
+        return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class Lease(BaseModel):
+    owner: str | None = None
+    version: int = 0
+    """Fencing token: bumped on every acquisition; every worker write names it."""
+    expires_at: datetime | None = None
+
+
+FileRole = Literal["output", "error"]
+
+
+class OutputFile(BaseModel):
+    """One output file and its committed state at the last checkpoint."""
+
+    type: str
+    sequence: int
+    name: str
+    role: FileRole = "output"
+    count: int = 0
+    committed_bytes: int = 0
+    committed_blocks: list[str] = Field(default_factory=list)
+    etag: str | None = None
+
+
+class TypeProgress(BaseModel):
+    """Where the scan of one resource type stands: its continuation point."""
+
+    type: str
+    after_seq: int = 0
+    done: bool = False
+    count: int = 0
+
+
+class ExportJobRecord(BaseModel):
+    id: str
+    kind: Literal["export"] = "export"
+    client: str
+    request: ExportRequest
+    fingerprint: str
+    transaction_time: datetime
+    snapshot_seq: int
+    """The store sequence at kick-off: the export is the store as of this point."""
+    secret_name: str | None = None
+
+    status: JobStatus = JobStatus.QUEUED
+    lease: Lease = Field(default_factory=Lease)
+    failure_count: int = 0
+    restart_count: int = 0
+    retry_after: datetime | None = None
+    last_error: str | None = None
+    error_status: int | None = None
+    cancel_requested: bool = False
+    pause_requested: bool = False
+
+    progress: list[TypeProgress] = Field(default_factory=list)
+    total_estimate: int | None = None
+    resources_done: int = 0
+    pages_read: int = 0
+    output: list[OutputFile] = Field(default_factory=list)
+
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+
+    @property
+    def visible(self) -> bool:
+        """A cancelled (or cancel-requested) job no longer exists for its client."""
+        return not self.cancel_requested and self.status != JobStatus.CANCELLED

@@ -1,0 +1,42 @@
+"""Opens what a process needs from the settings: stores, secrets, a worker factory."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from datastore.operations import OperationDataStore
+from datastore.resources import ResourceStore
+from datastore.sqlite import SqliteOperationDataStore, SqliteResourceStore
+from exportsvc.secrets import SecretStore, load_key
+from exportsvc.settings import Settings
+from exportsvc.worker import Worker
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    operations: OperationDataStore
+    resources: ResourceStore
+    secrets: SecretStore
+
+    def worker(self) -> Worker:
+        return Worker(self.operations, self.resources, self.secrets, self.settings)
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    operations = SqliteOperationDataStore(settings.database_path)
+    resources = SqliteResourceStore(settings.database_path)
+    await operations.open()
+    try:
+        await resources.open()
+        try:
+            secrets = SecretStore(operations, load_key(settings))
+            yield Runtime(settings, operations, resources, secrets)
+        finally:
+            await resources.close()
+    finally:
+        await operations.close()

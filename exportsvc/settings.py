@@ -1,0 +1,56 @@
+"""All settings in one model, read from ``EXPORTSVC_*`` environment variables.
+
+Each field is documented in the README's settings table; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EXPORTSVC_", extra="ignore")
+
+    data_dir: Path = Path(".exportsvc")
+    """SQLite databases, the secret key and (by default) the filesystem destination."""
+
+    base_url: str | None = None
+    """Public base URL; when unset, URLs are built from each request's Host."""
+
+    destination: str = "filesystem"
+    output_dir: Path | None = None
+    """Root of the filesystem destination; default ``{data_dir}/output``."""
+
+    secret_key: SecretStr | None = None
+    """Fernet key encrypting destination secrets; default a key file in ``data_dir``."""
+
+    # export loop
+    page_size: int = Field(default=2000, ge=1, le=100_000)
+    max_file_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    block_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    commit_every_pages: int = Field(default=25, ge=1)
+    commit_interval_seconds: float = Field(default=5.0, gt=0)
+
+    # jobs and leases
+    worker_concurrency: int = Field(default=2, ge=1)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    poll_interval_seconds: float = Field(default=1.0, gt=0)
+    drain_grace_seconds: float = Field(default=10.0, ge=0)
+    max_failures: int = Field(default=5, ge=1)
+    max_restarts: int = Field(default=10, ge=1)
+    retry_base_seconds: float = Field(default=2.0, gt=0)
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+    max_active_jobs_per_client: int = Field(default=5, ge=1)
+    output_ttl_seconds: int = Field(default=24 * 3600, ge=60)
+
+    @property
+    def output_root(self) -> Path:
+        return self.output_dir or self.data_dir / "output"
+
+    @property
+    def database_path(self) -> Path:
+        """The embedded SQLite database: both stores and the secret table."""
+        return self.data_dir / "exportsvc.sqlite3"

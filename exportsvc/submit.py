@@ -1,0 +1,53 @@
+"""Queue an export job: the one path the API (and tests, and tools) use to create one."""
+
+from __future__ import annotations
+
+import uuid
+
+from datastore.operations import OperationDataStore
+from datastore.resources import ResourceStore
+from destinations import default_secret
+from exportsvc.errors import NotFound
+from exportsvc.records import ExportJobRecord, ExportRequest, utcnow
+from exportsvc.secrets import SecretStore
+from exportsvc.settings import Settings
+
+
+async def submit_export(
+    request: ExportRequest,
+    *,
+    client: str,
+    operations: OperationDataStore,
+    resources: ResourceStore,
+    secrets: SecretStore,
+    settings: Settings,
+) -> tuple[ExportJobRecord, bool]:
+    """Fix the snapshot, store the destination secret, queue the job.
+
+    Returns ``(record, created)``; ``created`` is False when the client already has an
+    identical active job, which is returned instead.
+    """
+    if request.group_id is not None and await resources.read("Group", request.group_id) is None:
+        raise NotFound(f"Group/{request.group_id} is not known to this server")
+    job_id = uuid.uuid4().hex
+    secret_name = f"export-{job_id}"
+    record = ExportJobRecord(
+        id=job_id,
+        client=client,
+        request=request,
+        fingerprint=request.fingerprint(),
+        transaction_time=utcnow(),
+        snapshot_seq=await resources.current_seq(),
+        secret_name=secret_name,
+    )
+    await secrets.put(secret_name, default_secret(settings))
+    try:
+        stored, created = await operations.create_export(
+            record, max_active_per_client=settings.max_active_jobs_per_client
+        )
+    except BaseException:
+        await secrets.delete(secret_name)
+        raise
+    if not created:
+        await secrets.delete(secret_name)
+    return stored, created

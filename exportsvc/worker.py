@@ -1,0 +1,234 @@
+"""The worker: acquires jobs, runs their tasks with a heartbeat, drains on shutdown.
+
+It waits on "work OR timer OR stop", never a bare sleep. Each running job has a heartbeat
+that renews the lease and brings cancel and pause requests. Shutdown has two phases: every
+task is asked to drain (commit, checkpoint, release to ``queued``), and after the grace
+period the rest are cancelled; their last checkpoint stays, and the lease is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+from datastore.operations import OperationDataStore
+from datastore.resources import ResourceStore
+from exportsvc.errors import ExportSvcError, LeaseLost
+from exportsvc.export_task import ExportJobTask, JobSignals, shielded
+from exportsvc.records import ExportJobRecord, JobStatus, utcnow
+from exportsvc.secrets import SecretStore
+from exportsvc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def backoff_seconds(failures: int, settings: Settings, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter in its upper half."""
+    ceiling = min(settings.retry_max_seconds, settings.retry_base_seconds * 2.0 ** (failures - 1))
+    draw: float = (rng or random).random()
+    return ceiling * (0.5 + 0.5 * draw)
+
+
+@dataclass(slots=True)
+class _Running:
+    task: asyncio.Task[None]
+    signals: JobSignals
+    record: ExportJobRecord
+    heartbeat: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Worker:
+    operations: OperationDataStore
+    resources: ResourceStore
+    secrets: SecretStore
+    settings: Settings
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _running: dict[str, _Running] = field(default_factory=dict)
+
+    def wake(self) -> None:
+        """New work may be there (a kick-off in this process)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Begin the drain: stop acquiring, let running jobs reach a commit."""
+        self._stop.set()
+        self._wake.set()
+
+    @property
+    def running_jobs(self) -> list[str]:
+        return list(self._running)
+
+    async def run(self) -> None:
+        log.info("worker.started", extra={"worker": self.name})
+        try:
+            while not self._stop.is_set():
+                await self._fill()
+                self._wake.clear()
+                waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
+                waits += [r.task for r in self._running.values()]
+                await asyncio.wait(
+                    waits,
+                    timeout=self.settings.poll_interval_seconds,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                waits[0].cancel()
+        finally:
+            await self._drain()
+            log.info("worker.stopped", extra={"worker": self.name})
+
+    async def _fill(self) -> None:
+        while len(self._running) < self.settings.worker_concurrency and not self._stop.is_set():
+            try:
+                record = await self.operations.acquire(
+                    self.name, self.settings.lease_seconds, utcnow()
+                )
+            except ExportSvcError:
+                log.exception("worker.acquire_failed")
+                return
+            if record is None:
+                return
+            log.info(
+                "job.acquired",
+                extra={"job": record.id, "version": record.lease.version, "worker": self.name},
+            )
+            signals = JobSignals()
+            if record.cancel_requested:
+                signals.cancel.set()
+            task = asyncio.create_task(self._process(record, signals), name=f"job-{record.id}")
+            running = _Running(task, signals, record)
+            running.heartbeat = asyncio.create_task(self._heartbeat(record, signals))
+            self._running[record.id] = running
+            task.add_done_callback(partial(self._finished, record.id))
+
+    def _finished(self, job_id: str, _task: asyncio.Task[None]) -> None:
+        running = self._running.pop(job_id, None)
+        if running is not None and running.heartbeat is not None:
+            running.heartbeat.cancel()
+        self._wake.set()
+
+    async def _heartbeat(self, record: ExportJobRecord, signals: JobSignals) -> None:
+        interval = self.settings.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                control = await self.operations.heartbeat(
+                    record.id, record.lease.version, self.settings.lease_seconds, utcnow()
+                )
+            except LeaseLost:
+                log.warning("job.lease_lost", extra={"job": record.id})
+                signals.lost.set()
+                return
+            except Exception:
+                log.exception("job.heartbeat_failed", extra={"job": record.id})
+                continue
+            if control.cancel_requested:
+                signals.cancel.set()
+            if control.pause_requested:
+                signals.pause.set()
+
+    async def _process(self, record: ExportJobRecord, signals: JobSignals) -> None:
+        if record.restart_count > self.settings.max_restarts and not record.cancel_requested:
+            await self._fail(
+                record,
+                ExportSvcError(
+                    f"the job was interrupted {record.restart_count} times without finishing "
+                    "(worker crashes); it was stopped to avoid looping forever"
+                ),
+                final=True,
+            )
+            return
+        task = ExportJobTask(
+            record,
+            operations=self.operations,
+            resources=self.resources,
+            secrets=self.secrets,
+            settings=self.settings,
+            signals=signals,
+        )
+        try:
+            await task.run()
+        except LeaseLost:
+            log.warning("job.lease_lost", extra={"job": record.id})
+        except asyncio.CancelledError:
+            await shielded(self._release_after_cancel(record))
+            raise
+        except ExportSvcError as exc:
+            await self._fail(record, exc)
+        except Exception as exc:
+            log.exception("job.crashed", extra={"job": record.id})
+            await self._fail(record, ExportSvcError("internal error while exporting"), cause=exc)
+
+    async def _fail(
+        self,
+        record: ExportJobRecord,
+        exc: ExportSvcError,
+        *,
+        final: bool = False,
+        cause: BaseException | None = None,
+    ) -> None:
+        """Count a failure against the last checkpoint: ``retriable`` or ``failed``."""
+        stored = await self.operations.get(record.id)
+        if stored is None or stored.lease.version != record.lease.version:
+            return
+        stored.failure_count += 1
+        stored.last_error = exc.message
+        retriable = (exc.retriable or cause is not None) and not final
+        if retriable and stored.failure_count < self.settings.max_failures:
+            delay = backoff_seconds(stored.failure_count, self.settings)
+            stored.status = JobStatus.RETRIABLE
+            stored.retry_after = utcnow() + timedelta(seconds=delay)
+            log.warning(
+                "job.retriable",
+                extra={"job": record.id, "failures": stored.failure_count, "error": exc.message},
+            )
+        else:
+            stored.status = JobStatus.FAILED
+            stored.error_status = exc.status if exc.status >= 400 else 500
+            stored.completed_at = utcnow()
+            log.error("job.failed", extra={"job": record.id, "error": exc.message})
+        stored.lease.owner = None
+        stored.lease.expires_at = None
+        try:
+            await shielded(self.operations.save(stored))
+        except LeaseLost:
+            return
+        if stored.status == JobStatus.FAILED and stored.secret_name:
+            await self.secrets.delete(stored.secret_name)
+
+    async def _release_after_cancel(self, record: ExportJobRecord) -> None:
+        """Past the drain grace: keep the last checkpoint, hand the job back to the queue."""
+        stored = await self.operations.get(record.id)
+        if stored is None or stored.lease.version != record.lease.version:
+            return
+        stored.status = JobStatus.QUEUED
+        stored.lease.owner = None
+        stored.lease.expires_at = None
+        with contextlib.suppress(LeaseLost):
+            await self.operations.save(stored)
+        log.info("job.released", extra={"job": record.id})
+
+    async def _drain(self) -> None:
+        if not self._running:
+            return
+        running = list(self._running.values())
+        for r in running:
+            r.signals.drain.set()
+        tasks = [r.task for r in running]
+        _, pending = await asyncio.wait(tasks, timeout=self.settings.drain_grace_seconds)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for r in running:
+            if r.heartbeat is not None:
+                r.heartbeat.cancel()

@@ -1,0 +1,45 @@
+"""Fixtures shared by every tier: settings in a temp dir, stores of every backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from datastore.memory import MemoryOperationDataStore, MemoryResourceStore
+from datastore.operations import OperationDataStore
+from datastore.resources import ResourceStore
+from datastore.sqlite import SqliteOperationDataStore, SqliteResourceStore
+from exportsvc.settings import Settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "data", max_file_bytes=4096, block_bytes=1024)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def operations(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[OperationDataStore]:
+    store: OperationDataStore
+    if request.param == "memory":
+        store = MemoryOperationDataStore()
+    else:
+        store = SqliteOperationDataStore(tmp_path / "ops.sqlite3")
+    await store.open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def resources(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ResourceStore]:
+    store: ResourceStore
+    if request.param == "memory":
+        store = MemoryResourceStore()
+    else:
+        store = SqliteResourceStore(tmp_path / "res.sqlite3")
+    await store.open()
+    yield store
+    await store.close()

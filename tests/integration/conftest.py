@@ -1,0 +1,76 @@
+"""Integration fixtures: a real runtime (SQLite + filesystem) in a temp dir, seeded."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from destinations import create_destination, default_secret
+from exportsvc.export_task import ExportJobTask, JobSignals
+from exportsvc.records import ExportJobRecord, ExportKind, ExportRequest, utcnow
+from exportsvc.runtime import Runtime, open_runtime
+from exportsvc.seed import generate
+from exportsvc.settings import Settings
+from exportsvc.submit import submit_export
+from exportsvc.validator import ValidationReport, validate_export
+
+
+@dataclass
+class Harness:
+    runtime: Runtime
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+    async def submit(
+        self, kind: ExportKind = ExportKind.SYSTEM, **fields: object
+    ) -> ExportJobRecord:
+        request = ExportRequest(kind=kind, request_url="http://test/$export", **fields)  # type: ignore[arg-type]
+        record, created = await submit_export(
+            request,
+            client="tester",
+            operations=self.runtime.operations,
+            resources=self.runtime.resources,
+            secrets=self.runtime.secrets,
+            settings=self.settings,
+        )
+        assert created
+        return record
+
+    async def acquire(self) -> ExportJobRecord:
+        record = await self.runtime.operations.acquire("test-worker", 30, utcnow())
+        assert record is not None
+        return record
+
+    def task(self, record: ExportJobRecord, signals: JobSignals | None = None) -> ExportJobTask:
+        return ExportJobTask(
+            record,
+            operations=self.runtime.operations,
+            resources=self.runtime.resources,
+            secrets=self.runtime.secrets,
+            settings=self.settings,
+            signals=signals,
+        )
+
+    async def run(self, record: ExportJobRecord) -> ExportJobRecord:
+        await self.task(record).run()
+        stored = await self.runtime.operations.get(record.id)
+        assert stored is not None
+        return stored
+
+    async def validate(self, job_id: str) -> ValidationReport:
+        record = await self.runtime.operations.get(job_id)
+        assert record is not None
+        dest = create_destination(job_id, default_secret(self.settings), self.settings)
+        return await validate_export(record, self.runtime.resources, dest)
+
+
+@pytest.fixture
+async def harness(settings: Settings) -> AsyncIterator[Harness]:
+    settings = settings.model_copy(update={"page_size": 50, "commit_every_pages": 2})
+    async with open_runtime(settings) as runtime:
+        await runtime.resources.write(generate(12, seed=7), keep_last_updated=True)
+        yield Harness(runtime)
