@@ -1,0 +1,97 @@
+"""The worker loop on the embedded stack: acquisition, failures and backoff, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+
+from exportsvc.records import ExportJobRecord, JobStatus
+from exportsvc.worker import Worker, backoff_seconds
+from tests.integration.conftest import Harness
+
+
+async def wait_for(
+    harness: Harness, job_id: str, done: Callable[[ExportJobRecord], bool]
+) -> ExportJobRecord:
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        record = await harness.runtime.operations.get(job_id)
+        assert record is not None
+        if done(record):
+            return record
+        assert asyncio.get_running_loop().time() < deadline, f"job stuck: {record.status}"
+        await asyncio.sleep(0.02)
+
+
+def worker(harness: Harness, **settings: object) -> Worker:
+    runtime = harness.runtime
+    runtime.settings = runtime.settings.model_copy(update=settings)
+    return runtime.worker()
+
+
+async def test_worker_runs_queued_jobs_to_completion(harness: Harness) -> None:
+    w = worker(harness, poll_interval_seconds=0.05)
+    running = asyncio.create_task(w.run())
+    jobs = [await harness.submit(types=[t]) for t in ("Patient", "Condition", "Encounter")]
+    w.wake()
+    for job in jobs:
+        done = await wait_for(harness, job.id, lambda r: r.status == JobStatus.COMPLETED)
+        assert (await harness.validate(done.id)).ok
+    w.stop()
+    await running
+
+
+async def test_failures_back_off_then_fail_with_a_reason(harness: Harness) -> None:
+    job = await harness.submit(types=["Patient"])
+    await harness.runtime.secrets.delete(job.secret_name or "")  # the secret store lost it
+    w = worker(
+        harness,
+        poll_interval_seconds=0.02,
+        retry_base_seconds=0.05,
+        retry_max_seconds=0.05,
+        max_failures=3,
+    )
+    running = asyncio.create_task(w.run())
+    first = await wait_for(harness, job.id, lambda r: r.failure_count >= 1)
+    assert first.status in (JobStatus.RETRIABLE, JobStatus.RUNNING, JobStatus.FAILED)
+    failed = await wait_for(harness, job.id, lambda r: r.status == JobStatus.FAILED)
+    assert failed.failure_count == 3
+    assert failed.last_error == "The job's destination secret is missing."
+    assert failed.error_status == 500
+    w.stop()
+    await running
+
+
+async def test_drain_puts_running_jobs_back_in_the_queue(harness: Harness) -> None:
+    harness.runtime.settings = harness.runtime.settings.model_copy(update={"page_size": 1})
+    w = worker(harness, poll_interval_seconds=0.02)
+    running = asyncio.create_task(w.run())
+    job = await harness.submit()
+    w.wake()
+    await wait_for(harness, job.id, lambda r: r.resources_done > 0)
+    w.stop()
+    await asyncio.wait_for(running, 10)
+    drained = await harness.runtime.operations.get(job.id)
+    assert drained is not None
+    assert drained.status == JobStatus.QUEUED, "660 one-resource pages take far longer"
+    assert drained.failure_count == 0 and drained.lease.owner is None
+    assert 0 < drained.resources_done < drained.total_estimate
+    second = worker(harness, poll_interval_seconds=0.02)
+    running = asyncio.create_task(second.run())
+    done = await wait_for(harness, job.id, lambda r: r.status == JobStatus.COMPLETED)
+    second.stop()
+    await running
+    assert (await harness.validate(done.id)).ok
+
+
+def test_backoff_grows_with_jitter(harness: Harness) -> None:
+    rng = random.Random(1)
+    settings = harness.settings.model_copy(
+        update={"retry_base_seconds": 2, "retry_max_seconds": 60}
+    )
+    delays = [backoff_seconds(n, settings, rng) for n in range(1, 8)]
+    for n, delay in enumerate(delays, start=1):
+        ceiling = min(60, 2 * 2 ** (n - 1))
+        assert ceiling / 2 <= delay <= ceiling
+    assert len({round(d, 6) for d in delays}) == len(delays)
