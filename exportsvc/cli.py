@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import itertools
 import signal
 import sys
@@ -55,14 +56,22 @@ async def _seed(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         started, total = time.perf_counter(), 0
         writing: asyncio.Task[WriteResult] | None = None
-        # Generate the next batch while the database thread writes the previous one.
+        # Generate the next batch while the database thread writes the previous one. The
+        # data makes no reference cycles, and the cyclic GC re-scanning every live batch
+        # cost a third of the time: it is off while seeding.
         resources = generate(args.patients, seed=args.seed)
-        while batch := list(itertools.islice(resources, 10_000)):
+        gc.disable()
+        try:
+            while batch := list(itertools.islice(resources, 10_000)):
+                if writing is not None:
+                    total += (await writing).created
+                writing = asyncio.create_task(
+                    runtime.resources.write(batch, keep_last_updated=True)
+                )
             if writing is not None:
                 total += (await writing).created
-            writing = asyncio.create_task(runtime.resources.write(batch, keep_last_updated=True))
-        if writing is not None:
-            total += (await writing).created
+        finally:
+            gc.enable()
         elapsed = time.perf_counter() - started
         print(
             f"seeded {total} resources for {args.patients} patients in {elapsed:.1f}s "
