@@ -36,5 +36,6 @@ def save_params(record: ExportJobRecord) -> dict[str, Any]:
         "owner": record.lease.owner,
         "expires": epoch(record.lease.expires_at),
         "retry_after": epoch(record.retry_after),
+        "restart_count": record.restart_count,
         "record": record.model_dump_json(),
     }

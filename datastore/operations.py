@@ -64,7 +64,17 @@ class OperationDataStore(abc.ABC):
     async def save(self, record: ExportJobRecord) -> None:
         """Persist ``record`` fenced by ``record.lease.version``; raises ``LeaseLost``.
 
-        Writes everything but the control columns a client owns (cancel, pause).
+        Writes everything but the control columns clients own (cancel, pause). Whoever
+        read the record without a lease (an operator's retry) may save it too: the same
+        version check refuses it if a worker acquired the job meanwhile.
+        """
+
+    @abc.abstractmethod
+    async def request_pause(self, job_id: str, pause: bool) -> bool:
+        """Set or clear an active job's pause request; False when there is no such job.
+
+        A paused job is never acquired; a running one pauses at its next page (checkpoint,
+        status ``paused``). Clearing the request makes a ``paused`` job runnable again.
         """
 
     @abc.abstractmethod

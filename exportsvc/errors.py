@@ -40,6 +40,13 @@ class NotSupported(InvalidRequest):
     code = "not-supported"
 
 
+class Forbidden(ExportSvcError):
+    """This client may not do that."""
+
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(ExportSvcError):
     """No such resource."""
 

@@ -100,7 +100,15 @@ class ExportJobTask:
         try:
             await self.dest.connect()
             await self.dest.restore(record.output)
-            log.info("job.started", extra={"job": record.id, "version": record.lease.version})
+            log.info(
+                "job.started",
+                extra={
+                    "job": record.id,
+                    "version": record.lease.version,
+                    "pages_read": record.pages_read,
+                    "resources": record.resources_done,
+                },
+            )
             if not record.progress:
                 await self._prepare()
             await self._export()
@@ -243,6 +251,8 @@ class ExportJobTask:
             "job.checkpoint",
             extra={
                 "job": record.id,
+                "version": record.lease.version,
+                "pages_read": record.pages_read,
                 "resources": record.resources_done,
                 "files": len(record.output),
             },

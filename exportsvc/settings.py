@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None
     """Fernet key encrypting destination secrets; default a key file in ``data_dir``."""
 
+    admin_token: SecretStr | None = None
+    """Bearer token for ``/_admin``; when unset, only loopback clients may use it."""
+
     # export loop
     page_size: int = Field(default=2000, ge=1, le=100_000)
     max_file_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)

@@ -7,8 +7,8 @@ import uuid
 from datastore.operations import OperationDataStore
 from datastore.resources import ResourceStore
 from destinations import default_secret
-from exportsvc.errors import NotFound
-from exportsvc.records import ExportJobRecord, ExportRequest, utcnow
+from exportsvc.errors import Conflict, LeaseLost, NotFound
+from exportsvc.records import ExportJobRecord, ExportRequest, JobStatus, utcnow
 from exportsvc.secrets import SecretStore
 from exportsvc.settings import Settings
 
@@ -51,3 +51,31 @@ async def submit_export(
     if not created:
         await secrets.delete(secret_name)
     return stored, created
+
+
+async def retry_failed(
+    job_id: str,
+    *,
+    operations: OperationDataStore,
+    secrets: SecretStore,
+    settings: Settings,
+) -> ExportJobRecord:
+    """Queue a failed job again. It resumes from its last checkpoint, not from scratch."""
+    record = await operations.get(job_id)
+    if record is None or not record.visible:
+        raise NotFound(f"no export job {job_id!r}")
+    if record.status != JobStatus.FAILED:
+        raise Conflict(f"job {job_id} is {record.status.value}; only a failed job can be retried")
+    if record.secret_name:  # deleted when the job failed: the service's destination again
+        await secrets.put(record.secret_name, default_secret(settings))
+    record.status = JobStatus.QUEUED
+    record.failure_count = 0
+    record.restart_count = 0
+    record.retry_after = None
+    record.error_status = None
+    record.completed_at = None
+    try:
+        await operations.save(record)
+    except LeaseLost as exc:
+        raise Conflict(f"job {job_id} changed meanwhile; try again") from exc
+    return record

@@ -56,7 +56,7 @@ class MemoryOperationDataStore(OperationDataStore):
             return False
         if job.status == JobStatus.RETRIABLE:
             return job.retry_after is None or job.retry_after <= now
-        return job.status == JobStatus.QUEUED
+        return job.status in (JobStatus.QUEUED, JobStatus.PAUSED)
 
     async def acquire(
         self, owner: str, lease_seconds: float, now: datetime
@@ -89,8 +89,14 @@ class MemoryOperationDataStore(OperationDataStore):
         saved = self._copy(record)
         saved.cancel_requested = job.cancel_requested
         saved.pause_requested = job.pause_requested
-        saved.restart_count = job.restart_count
         self._jobs[record.id] = saved
+
+    async def request_pause(self, job_id: str, pause: bool) -> bool:
+        job = self._jobs.get(job_id)
+        if job is None or not job.visible or job.status not in ACTIVE_STATUSES:
+            return False
+        job.pause_requested = pause
+        return True
 
     async def request_cancel(self, job_id: str) -> bool:
         job = self._jobs.get(job_id)

@@ -99,6 +99,11 @@ class SqliteOperationDataStore(OperationDataStore):
         if count != 1:
             raise LeaseLost()
 
+    async def request_pause(self, job_id: str, pause: bool) -> bool:
+        params = {"id": job_id, "pause": int(pause)}
+        count = await self.db.run(lambda c: c.execute(Q["request_pause"], params).rowcount)
+        return bool(count == 1)
+
     async def request_cancel(self, job_id: str) -> bool:
         count = await self.db.run(lambda c: c.execute(Q["request_cancel"], {"id": job_id}).rowcount)
         return bool(count == 1)

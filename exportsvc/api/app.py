@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from exportsvc.api import export, metadata
+from exportsvc.api import admin, export, metadata
 from exportsvc.api.keys import OPERATIONS, RESOURCES, SECRETS, SETTINGS, WORKER
 from exportsvc.api.outcome import outcome_middleware
 from exportsvc.runtime import open_runtime
@@ -20,6 +20,7 @@ def create_app(settings: Settings, *, with_worker: bool = True) -> web.Applicati
     app[SETTINGS] = settings
     app.add_routes(export.routes)
     app.add_routes(metadata.routes)
+    app.add_routes(admin.routes)
     app.cleanup_ctx.append(_runtime)
     if with_worker:
         app.cleanup_ctx.append(_worker)

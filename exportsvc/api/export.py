@@ -116,11 +116,14 @@ def manifest(record: ExportJobRecord, base: str) -> dict[str, object]:
 
 def progress_headers(record: ExportJobRecord) -> dict[str, str]:
     done, total = record.resources_done, record.total_estimate
+    state = "paused" if record.pause_requested else record.status.value
     if total is None:
-        progress = f"{record.status.value}: waiting for a worker"
+        progress = f"{state}: waiting for a worker"
     else:
         percent = 100 if total == 0 else min(100, math.floor(100 * done / total))
         progress = f"{done}/{total} resources ({percent}%)"
+        if state != "running":
+            progress = f"{state}: {progress}"
     retry = 1
     if record.started_at is not None and total:
         elapsed = (utcnow() - record.started_at).total_seconds()

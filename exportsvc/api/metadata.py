@@ -60,8 +60,3 @@ async def metadata(request: web.Request) -> web.Response:
         body=orjson.dumps(capability_statement(base_url(request))),
         content_type="application/fhir+json",
     )
-
-
-@routes.get("/_admin/health")
-async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})

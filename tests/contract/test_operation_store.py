@@ -131,3 +131,49 @@ async def test_secrets_ciphertext_roundtrip(operations: OperationDataStore) -> N
     assert await operations.get_secret("s") == b"cipher"
     await operations.delete_secret("s")
     assert await operations.get_secret("s") is None
+
+
+async def test_pause_and_resume(operations: OperationDataStore) -> None:
+    queued, _ = await operations.create_export(job(types=["Patient"]), max_active_per_client=5)
+    assert await operations.request_pause(queued.id, True)
+    assert await operations.acquire("w", 30, utcnow()) is None  # paused: never acquired
+    assert await operations.request_pause(queued.id, False)
+    leased = await operations.acquire("w", 30, utcnow())
+    assert leased is not None and leased.id == queued.id
+    # Running: the request travels by heartbeat; the task then saves status paused.
+    assert await operations.request_pause(queued.id, True)
+    control = await operations.heartbeat(queued.id, leased.lease.version, 30, utcnow())
+    assert control.pause_requested
+    leased.status = JobStatus.PAUSED
+    leased.lease.owner = None
+    await operations.save(leased)
+    assert await operations.acquire("w", 30, utcnow()) is None
+    assert await operations.request_pause(queued.id, False)
+    resumed = await operations.acquire("w", 30, utcnow())
+    assert resumed is not None and resumed.lease.version == leased.lease.version + 1
+
+
+async def test_pause_refused_for_finished_jobs(operations: OperationDataStore) -> None:
+    record, _ = await operations.create_export(job(), max_active_per_client=5)
+    leased = await operations.acquire("w", 30, utcnow())
+    assert leased is not None
+    leased.status = JobStatus.COMPLETED
+    await operations.save(leased)
+    assert not await operations.request_pause(record.id, True)
+    assert not await operations.request_pause("missing", True)
+
+
+async def test_save_resets_restart_count(operations: OperationDataStore) -> None:
+    record, _ = await operations.create_export(job(), max_active_per_client=5)
+    now = utcnow()
+    await operations.acquire("w1", 30, now)
+    crashed = await operations.acquire("w2", 30, now + timedelta(seconds=31))
+    assert crashed is not None and crashed.restart_count == 1
+    crashed.status = JobStatus.FAILED
+    await operations.save(crashed)
+    stored = await operations.get(record.id)
+    assert stored is not None and stored.restart_count == 1
+    stored.status, stored.restart_count = JobStatus.QUEUED, 0  # an operator's retry
+    await operations.save(stored)
+    again = await operations.acquire("w3", 30, now + timedelta(seconds=62))
+    assert again is not None and again.restart_count == 0

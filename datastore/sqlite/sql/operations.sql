@@ -29,7 +29,7 @@ UPDATE jobs SET
     lease_expires = :expires
 WHERE id = (
     SELECT id FROM jobs
-    WHERE (status = 'queued' AND pause_requested = 0)
+    WHERE (status IN ('queued', 'paused') AND pause_requested = 0)
        OR (status = 'retriable' AND retry_after <= :now AND pause_requested = 0)
        OR (status = 'running' AND lease_expires < :now)
        OR (cancel_requested = 1 AND status IN ('queued', 'retriable', 'paused', 'completed', 'failed'))
@@ -49,8 +49,14 @@ UPDATE jobs SET
     lease_owner = :owner,
     lease_expires = :expires,
     retry_after = :retry_after,
+    restart_count = :restart_count,
     record = :record
 WHERE id = :id AND lease_version = :version;
+
+-- name: request_pause
+UPDATE jobs SET pause_requested = :pause
+WHERE id = :id AND cancel_requested = 0
+  AND status IN ('queued', 'running', 'retriable', 'paused');
 
 -- name: request_cancel
 UPDATE jobs SET cancel_requested = 1

@@ -1,0 +1,131 @@
+"""Operator endpoints under ``/_admin``: jobs, pause/resume/retry, drain, health.
+
+With ``EXPORTSVC_ADMIN_TOKEN`` set they need ``Authorization: Bearer <token>``; without
+it they answer loopback clients only, so a default install exposes nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+import signal
+from typing import Any
+
+from aiohttp import web
+
+from exportsvc.api.keys import OPERATIONS, SECRETS, SETTINGS, WORKER
+from exportsvc.api.outcome import outcome_response
+from exportsvc.errors import Forbidden, NotFound
+from exportsvc.records import ExportJobRecord
+from exportsvc.submit import retry_failed
+
+routes = web.RouteTableDef()
+
+
+def _require_admin(request: web.Request) -> None:
+    token = request.app[SETTINGS].admin_token
+    if token is not None:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").encode()
+        if not hmac.compare_digest(given, token.get_secret_value().encode()):
+            raise Forbidden("the admin endpoints need a valid admin token")
+        return
+    try:
+        loopback = ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise Forbidden("the admin endpoints answer loopback clients only (no admin token set)")
+
+
+def job_summary(record: ExportJobRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "client": record.client,
+        "kind": record.request.kind.value,
+        "status": "cancelled" if record.cancel_requested else record.status.value,
+        "pauseRequested": record.pause_requested,
+        "resourcesDone": record.resources_done,
+        "resourcesTotal": record.total_estimate,
+        "pagesRead": record.pages_read,
+        "files": len(record.output),
+        "failureCount": record.failure_count,
+        "restartCount": record.restart_count,
+        "lastError": record.last_error,
+        "leaseOwner": record.lease.owner,
+        "createdAt": record.created_at.isoformat(),
+        "completedAt": record.completed_at.isoformat() if record.completed_at else None,
+    }
+
+
+@routes.get("/_admin/health")
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "runningJobs": request.app[WORKER].running_jobs})
+
+
+@routes.get("/_admin/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    _require_admin(request)
+    try:
+        limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
+    except ValueError:
+        limit = 100
+    records = await request.app[OPERATIONS].list(limit=limit)
+    return web.json_response({"jobs": [job_summary(r) for r in records]})
+
+
+async def _job(request: web.Request) -> ExportJobRecord:
+    job_id = request.match_info["job_id"]
+    record = await request.app[OPERATIONS].get(job_id) if len(job_id) <= 64 else None
+    if record is None:
+        raise NotFound(f"no export job {job_id!r}")
+    return record
+
+
+@routes.get("/_admin/jobs/{job_id}")
+async def get_job(request: web.Request) -> web.Response:
+    _require_admin(request)
+    return web.json_response(job_summary(await _job(request)))
+
+
+async def _pause(request: web.Request, pause: bool) -> web.Response:
+    _require_admin(request)
+    record = await _job(request)
+    if not await request.app[OPERATIONS].request_pause(record.id, pause):
+        return outcome_response(
+            409, f"job {record.id} is {record.status.value}: nothing to pause or resume"
+        )
+    request.app[WORKER].wake()
+    return web.json_response(job_summary(await _job(request)), status=202)
+
+
+@routes.post("/_admin/jobs/{job_id}/pause")
+async def pause_job(request: web.Request) -> web.Response:
+    return await _pause(request, True)
+
+
+@routes.post("/_admin/jobs/{job_id}/resume")
+async def resume_job(request: web.Request) -> web.Response:
+    return await _pause(request, False)
+
+
+@routes.post("/_admin/jobs/{job_id}/retry")
+async def retry_job(request: web.Request) -> web.Response:
+    _require_admin(request)
+    app = request.app
+    record = await retry_failed(
+        request.match_info["job_id"],
+        operations=app[OPERATIONS],
+        secrets=app[SECRETS],
+        settings=app[SETTINGS],
+    )
+    app[WORKER].wake()
+    return web.json_response(job_summary(record), status=202)
+
+
+@routes.post("/_admin/drain")
+async def drain(request: web.Request) -> web.Response:
+    """Drain like SIGTERM: stop acquiring, checkpoint running jobs, release them, exit."""
+    _require_admin(request)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return web.json_response({"status": "draining"}, status=202)
