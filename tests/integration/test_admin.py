@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 from aiohttp import ClientSession
-from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
 from datastore.resources import ExportQuery, Page
@@ -61,7 +60,9 @@ async def test_admin_token_is_required_when_set(settings: Settings) -> None:
 
 
 async def test_a_failed_job_retried_resumes_from_its_checkpoint(settings: Settings) -> None:
-    settings = settings.model_copy(update={"page_size": 20, "commit_every_pages": 1, "max_failures": 1})
+    settings = settings.model_copy(
+        update={"page_size": 20, "commit_every_pages": 1, "max_failures": 1}
+    )
     async with serve(settings, with_worker=True) as (test_server, session):
         store = test_server.app[RESOURCES]
         original = store.page
