@@ -1,6 +1,6 @@
 """Export destinations: the commit contract and its implementations."""
 
 from destinations.base import ExportDestinationClient, file_name
-from destinations.factory import create_destination, default_secret
+from destinations.factory import DestinationFactory
 
-__all__ = ["ExportDestinationClient", "create_destination", "default_secret", "file_name"]
+__all__ = ["DestinationFactory", "ExportDestinationClient", "file_name"]

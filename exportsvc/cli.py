@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from datastore.resources import WriteResult
-from destinations import create_destination, default_secret
 from exportsvc import logs
 from exportsvc.api import create_app
 from exportsvc.runtime import open_runtime
@@ -86,7 +85,7 @@ async def _validate(args: argparse.Namespace, settings: Settings) -> int:
         if record is None:
             print(f"no export job {args.job_id!r}", file=sys.stderr)
             return 2
-        dest = create_destination(record.id, default_secret(settings), settings)
+        dest = runtime.destinations.for_job(record.id, record.request.container)
         report = await validate_export(record, runtime.resources, dest)
         print(report.render())
         return 0 if report.ok else 1

@@ -20,8 +20,8 @@ import orjson
 
 from datastore.operations import OperationDataStore
 from datastore.resources import ExportQuery, ResourceStore, Row
-from destinations import ExportDestinationClient, create_destination, default_secret, file_name
-from exportsvc.errors import InvalidRequest, LeaseLost
+from destinations import DestinationFactory, ExportDestinationClient, file_name
+from exportsvc.errors import InvalidRequest, LeaseLost, SecretNotFound
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT
 from exportsvc.fhir.group import member_ids
 from exportsvc.records import (
@@ -71,6 +71,7 @@ class ExportJobTask:
         operations: OperationDataStore,
         resources: ResourceStore,
         secrets: SecretStore,
+        destinations: DestinationFactory,
         settings: Settings,
         signals: JobSignals | None = None,
     ) -> None:
@@ -78,6 +79,7 @@ class ExportJobTask:
         self.operations = operations
         self.resources = resources
         self.secrets = secrets
+        self.destinations = destinations
         self.settings = settings
         self.signals = signals or JobSignals()
         self._dest: ExportDestinationClient | None = None
@@ -96,7 +98,7 @@ class ExportJobTask:
             await self._cancel()
             return
         secret = await self.secrets.get(record.secret_name or "")
-        self._dest = create_destination(record.id, secret, self.settings)
+        self._dest = self.destinations.create(record.id, secret)
         try:
             await self.dest.connect()
             await self.dest.restore(record.output)
@@ -281,10 +283,15 @@ class ExportJobTask:
         await shielded(self.operations.save(self.record))
 
     async def _complete(self) -> None:
+        """Mark the job done (fenced), then delete what the manifest does not list.
+
+        In this order a worker that lost its lease can never delete the new owner's
+        files: its fenced save fails first. A crash between the two leaves unlisted
+        leftovers under the job's prefix, never a listed file missing."""
         record = self.record
-        await self.dest.finalize(record.output)
         record.completed_at = utcnow()
         await self._release(JobStatus.COMPLETED)
+        await self.dest.finalize(record.output)
         await self._forget_secret()
         log.info("job.completed", extra={"job": record.id, "resources": record.resources_done})
 
@@ -294,9 +301,9 @@ class ExportJobTask:
         if dest is None:
             try:
                 secret = await self.secrets.get(record.secret_name or "")
-            except Exception:
-                secret = default_secret(self.settings)
-            dest = create_destination(record.id, secret, self.settings)
+            except SecretNotFound:  # the job had ended: the service's own destination
+                secret = self.destinations.secret_for(record.request.container)
+            dest = self.destinations.create(record.id, secret)
         await dest.delete_all()
         await dest.close()
         record.completed_at = utcnow()

@@ -19,6 +19,9 @@ from exportsvc.fhir.compartment import PATIENT_COMPARTMENT, RESOURCE_TYPES
 from exportsvc.records import ExportKind, ExportRequest
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+# Azure container names: 3-63 of a-z 0-9 -, starting and ending with a letter or digit,
+# no two hyphens in a row.
+CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]$")
 OUTPUT_FORMATS = {"application/fhir+ndjson", "application/ndjson", "ndjson"}
 ACCEPTABLE = {"application/fhir+json", "application/json", "application/json+fhir", "*/*"}
 # Bulk Data parameters we know but do not implement yet (see the README).
@@ -29,7 +32,8 @@ UNSUPPORTED = {
     "organizeOutputBy",
     "allowPartialManifests",
 }
-SINGLE = {"_outputFormat", "_since", "_until"}
+SINGLE = {"_outputFormat", "_since", "_until", "_container"}
+KNOWN = {"_outputFormat", "_type", "_since", "_until", "patient", "_container"}
 
 
 def parse_prefer(header: str | None) -> set[str]:
@@ -143,8 +147,7 @@ def parse_export_request(
     values: dict[str, list[str]] = {}
     ignored: list[str] = []
     for name, value in pairs:
-        known = name in {"_outputFormat", "_type", "_since", "_until", "patient"}
-        if not known:
+        if name not in KNOWN:
             problem = (
                 f"parameter {name!r} is not supported by this server"
                 if name in UNSUPPORTED
@@ -168,6 +171,12 @@ def parse_export_request(
     until = parse_instant("_until", values["_until"][0]) if "_until" in values else None
     if since and until and since > until:
         raise InvalidRequest("_since is later than _until")
+    container = values.get("_container", [None])[0]
+    if container is not None and not CONTAINER.match(container):
+        raise InvalidRequest(
+            f"_container {container[:80]!r} is not a valid container name: 3-63 lowercase "
+            "letters, digits and single hyphens, starting and ending with a letter or digit"
+        )
     return ExportRequest(
         kind=kind,
         group_id=group_id,
@@ -176,6 +185,7 @@ def parse_export_request(
         until=until,
         patients=_patients(values.get("patient", []), kind, method),
         output_format="application/fhir+ndjson",
+        container=container,
         request_url=request_url,
         ignored=ignored,
     )

@@ -54,6 +54,8 @@ class ExportRequest(BaseModel):
     until: datetime | None = None
     patients: list[str] = Field(default_factory=list)
     output_format: str = "application/fhir+ndjson"
+    container: str | None = None
+    """``_container``: where the files go (Azure container; filesystem sub-folder)."""
     request_url: str
     """The kick-off URL as the client sent it: the manifest's ``request``."""
     ignored: list[str] = Field(default_factory=list)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datastore.operations import OperationDataStore
 from datastore.resources import ResourceStore
 from datastore.sqlite import SqliteOperationDataStore, SqliteResourceStore
+from destinations import DestinationFactory
 from exportsvc.secrets import SecretStore, load_key
 from exportsvc.settings import Settings
 from exportsvc.worker import Worker
@@ -20,9 +21,12 @@ class Runtime:
     operations: OperationDataStore
     resources: ResourceStore
     secrets: SecretStore
+    destinations: DestinationFactory
 
     def worker(self) -> Worker:
-        return Worker(self.operations, self.resources, self.secrets, self.settings)
+        return Worker(
+            self.operations, self.resources, self.secrets, self.destinations, self.settings
+        )
 
 
 @contextlib.asynccontextmanager
@@ -35,7 +39,11 @@ async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
         await resources.open()
         try:
             secrets = SecretStore(operations, load_key(settings))
-            yield Runtime(settings, operations, resources, secrets)
+            destinations = DestinationFactory(settings)
+            try:
+                yield Runtime(settings, operations, resources, secrets, destinations)
+            finally:
+                await destinations.close()
         finally:
             await resources.close()
     finally:

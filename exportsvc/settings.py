@@ -21,8 +21,17 @@ class Settings(BaseSettings):
     """Public base URL; when unset, URLs are built from each request's Host."""
 
     destination: str = "filesystem"
+    """``filesystem`` or ``azure-blob``: where new jobs write."""
     output_dir: Path | None = None
     """Root of the filesystem destination; default ``{data_dir}/output``."""
+    azure_connection_string: SecretStr | None = None
+    azure_account_url: str | None = None
+    """With no connection string: the account URL, signed in with DefaultAzureCredential."""
+    azure_container: str = "exports"
+    azure_api_version: str | None = None
+    """Pin the Blob service API version (an emulator may lag the SDK's default)."""
+    azure_retry_total: int = Field(default=3, ge=0)
+    """The Azure SDK's own retries per request (no retry layer on top of it)."""
 
     secret_key: SecretStr | None = None
     """Fernet key encrypting destination secrets; default a key file in ``data_dir``."""

@@ -6,7 +6,7 @@ import uuid
 
 from datastore.operations import OperationDataStore
 from datastore.resources import ResourceStore
-from destinations import default_secret
+from destinations import DestinationFactory
 from exportsvc.errors import Conflict, LeaseLost, NotFound
 from exportsvc.records import ExportJobRecord, ExportRequest, JobStatus, utcnow
 from exportsvc.secrets import SecretStore
@@ -20,6 +20,7 @@ async def submit_export(
     operations: OperationDataStore,
     resources: ResourceStore,
     secrets: SecretStore,
+    destinations: DestinationFactory,
     settings: Settings,
 ) -> tuple[ExportJobRecord, bool]:
     """Fix the snapshot, store the destination secret, queue the job.
@@ -40,7 +41,7 @@ async def submit_export(
         snapshot_seq=await resources.current_seq(),
         secret_name=secret_name,
     )
-    await secrets.put(secret_name, default_secret(settings))
+    await secrets.put(secret_name, destinations.secret_for(request.container))
     try:
         stored, created = await operations.create_export(
             record, max_active_per_client=settings.max_active_jobs_per_client
@@ -58,7 +59,7 @@ async def retry_failed(
     *,
     operations: OperationDataStore,
     secrets: SecretStore,
-    settings: Settings,
+    destinations: DestinationFactory,
 ) -> ExportJobRecord:
     """Queue a failed job again. It resumes from its last checkpoint, not from scratch."""
     record = await operations.get(job_id)
@@ -67,7 +68,7 @@ async def retry_failed(
     if record.status != JobStatus.FAILED:
         raise Conflict(f"job {job_id} is {record.status.value}; only a failed job can be retried")
     if record.secret_name:  # deleted when the job failed: the service's destination again
-        await secrets.put(record.secret_name, default_secret(settings))
+        await secrets.put(record.secret_name, destinations.secret_for(record.request.container))
     record.status = JobStatus.QUEUED
     record.failure_count = 0
     record.restart_count = 0

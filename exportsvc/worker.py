@@ -21,6 +21,7 @@ from typing import Any
 
 from datastore.operations import OperationDataStore
 from datastore.resources import ResourceStore
+from destinations import DestinationFactory
 from exportsvc.errors import ExportSvcError, LeaseLost
 from exportsvc.export_task import ExportJobTask, JobSignals, shielded
 from exportsvc.records import ExportJobRecord, JobStatus, utcnow
@@ -50,6 +51,7 @@ class Worker:
     operations: OperationDataStore
     resources: ResourceStore
     secrets: SecretStore
+    destinations: DestinationFactory
     settings: Settings
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -153,6 +155,7 @@ class Worker:
             operations=self.operations,
             resources=self.resources,
             secrets=self.secrets,
+            destinations=self.destinations,
             settings=self.settings,
             signals=signals,
         )

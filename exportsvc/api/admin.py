@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from exportsvc.api.keys import OPERATIONS, SECRETS, SETTINGS, WORKER
+from exportsvc.api.keys import DESTINATIONS, OPERATIONS, SECRETS, SETTINGS, WORKER
 from exportsvc.api.outcome import outcome_response
 from exportsvc.errors import Forbidden, NotFound
 from exportsvc.records import ExportJobRecord
@@ -117,7 +117,7 @@ async def retry_job(request: web.Request) -> web.Response:
         request.match_info["job_id"],
         operations=app[OPERATIONS],
         secrets=app[SECRETS],
-        settings=app[SETTINGS],
+        destinations=app[DESTINATIONS],
     )
     app[WORKER].wake()
     return web.json_response(job_summary(record), status=202)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from exportsvc.api import admin, export, metadata
-from exportsvc.api.keys import OPERATIONS, RESOURCES, SECRETS, SETTINGS, WORKER
+from exportsvc.api.keys import DESTINATIONS, OPERATIONS, RESOURCES, SECRETS, SETTINGS, WORKER
 from exportsvc.api.outcome import outcome_middleware
 from exportsvc.runtime import open_runtime
 from exportsvc.settings import Settings
@@ -32,6 +32,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         app[OPERATIONS] = runtime.operations
         app[RESOURCES] = runtime.resources
         app[SECRETS] = runtime.secrets
+        app[DESTINATIONS] = runtime.destinations
         app[WORKER] = runtime.worker()
         yield
 

@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 from email.utils import format_datetime
 
 import orjson
 from aiohttp import web
 
-from destinations import create_destination, default_secret
-from exportsvc.api.keys import OPERATIONS, RESOURCES, SECRETS, SETTINGS, WORKER, base_url, client_of
+from destinations import ExportDestinationClient
+from exportsvc.api.keys import (
+    DESTINATIONS,
+    OPERATIONS,
+    RESOURCES,
+    SECRETS,
+    SETTINGS,
+    WORKER,
+    base_url,
+    client_of,
+)
 from exportsvc.api.outcome import outcome_response
 from exportsvc.errors import NotFound
 from exportsvc.params import parameters_body, parse_export_request
-from exportsvc.records import ExportJobRecord, ExportKind, JobStatus, utcnow
+from exportsvc.records import ExportJobRecord, ExportKind, JobStatus, OutputFile, utcnow
 from exportsvc.submit import submit_export
 
 NDJSON = "application/fhir+ndjson"
+REQUIRES_TOKEN = False  # no authorization is configured yet
 routes = web.RouteTableDef()
 
 
@@ -48,6 +58,7 @@ async def _kickoff(
         operations=app[OPERATIONS],
         resources=app[RESOURCES],
         secrets=app[SECRETS],
+        destinations=app[DESTINATIONS],
         settings=app[SETTINGS],
     )
     if created:
@@ -93,22 +104,37 @@ async def _visible_job(request: web.Request) -> ExportJobRecord:
     return record
 
 
-def _expires(record: ExportJobRecord, request: web.Request) -> str:
+def _expiry(record: ExportJobRecord, request: web.Request) -> datetime:
     ttl = request.app[SETTINGS].output_ttl_seconds
-    finished = record.completed_at or utcnow()
-    return format_datetime(finished + timedelta(seconds=ttl), usegmt=True)
+    return (record.completed_at or utcnow()) + timedelta(seconds=ttl)
 
 
-def manifest(record: ExportJobRecord, base: str) -> dict[str, object]:
-    def entry(f_type: str, name: str, count: int) -> dict[str, object]:
-        return {"type": f_type, "url": f"{base}/_output/{record.id}/{name}", "count": count}
+def _expires(record: ExportJobRecord, request: web.Request) -> str:
+    return format_datetime(_expiry(record, request), usegmt=True)
 
-    output = [entry(f.type, f.name, f.count) for f in record.output if f.role == "output"]
-    errors = [entry(f.type, f.name, f.count) for f in record.output if f.role == "error"]
+
+def manifest(
+    record: ExportJobRecord, base: str, dest: ExportDestinationClient, expires: datetime
+) -> dict[str, object]:
+    """The completion manifest. Files are signed URLs (read-only, expiring with the
+    manifest) where the destination can sign, else served by this service."""
+    proxied = False
+
+    def entry(f: OutputFile) -> dict[str, object]:
+        nonlocal proxied
+        url = dest.signed_url(f.name, expires)
+        if url is None:
+            proxied = True
+            url = f"{base}/_output/{record.id}/{f.name}"
+        return {"type": f.type, "url": url, "count": f.count}
+
+    output = [entry(f) for f in record.output if f.role == "output"]
+    errors = [entry(f) for f in record.output if f.role == "error"]
     return {
         "transactionTime": record.transaction_time.isoformat().replace("+00:00", "Z"),
         "request": record.request.request_url,
-        "requiresAccessToken": False,
+        # Served files need a token exactly when this service demands one (no auth yet).
+        "requiresAccessToken": proxied and REQUIRES_TOKEN,
         "output": output,
         "error": errors,
     }
@@ -140,7 +166,12 @@ async def export_status(request: web.Request) -> web.Response:
     record = await _visible_job(request)
     if record.status == JobStatus.COMPLETED:
         return web.json_response(
-            manifest(record, base_url(request)),
+            manifest(
+                record,
+                base_url(request),
+                request.app[DESTINATIONS].for_job(record.id, record.request.container),
+                _expiry(record, request),
+            ),
             headers={"Expires": _expires(record, request)},
             dumps=_dumps,
         )
@@ -172,8 +203,7 @@ async def export_file(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     if record.status != JobStatus.COMPLETED or name not in {f.name for f in record.output}:
         raise NotFound(f"no file {name!r} in export {record.id!r}")
-    settings = request.app[SETTINGS]
-    dest = create_destination(record.id, default_secret(settings), settings)
+    dest = request.app[DESTINATIONS].for_job(record.id, record.request.container)
     headers = {"Content-Type": NDJSON, "Expires": _expires(record, request)}
     path = dest.local_path(name)
     gzip = "gzip" in request.headers.get("Accept-Encoding", "").lower()

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from datastore.operations import OperationDataStore
 from datastore.resources import ResourceStore
+from destinations import DestinationFactory
 from exportsvc.secrets import SecretStore
 from exportsvc.settings import Settings
 from exportsvc.worker import Worker
@@ -15,6 +16,7 @@ OPERATIONS = web.AppKey("operations", OperationDataStore)
 RESOURCES = web.AppKey("resources", ResourceStore)
 SECRETS = web.AppKey("secrets", SecretStore)
 WORKER = web.AppKey("worker", Worker)
+DESTINATIONS = web.AppKey("destinations", DestinationFactory)
 
 
 def client_of(request: web.Request) -> str:

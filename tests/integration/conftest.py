@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import pytest
 
-from destinations import create_destination, default_secret
 from exportsvc.export_task import ExportJobTask, JobSignals
 from exportsvc.records import ExportJobRecord, ExportKind, ExportRequest, utcnow
 from exportsvc.runtime import Runtime, open_runtime
@@ -35,6 +34,7 @@ class Harness:
             operations=self.runtime.operations,
             resources=self.runtime.resources,
             secrets=self.runtime.secrets,
+            destinations=self.runtime.destinations,
             settings=self.settings,
         )
         assert created
@@ -51,6 +51,7 @@ class Harness:
             operations=self.runtime.operations,
             resources=self.runtime.resources,
             secrets=self.runtime.secrets,
+            destinations=self.runtime.destinations,
             settings=self.settings,
             signals=signals,
         )
@@ -64,7 +65,7 @@ class Harness:
     async def validate(self, job_id: str) -> ValidationReport:
         record = await self.runtime.operations.get(job_id)
         assert record is not None
-        dest = create_destination(job_id, default_secret(self.settings), self.settings)
+        dest = self.runtime.destinations.for_job(job_id, record.request.container)
         return await validate_export(record, self.runtime.resources, dest)
 
 

@@ -10,7 +10,6 @@ import orjson
 import pytest
 
 from datastore.resources import ExportQuery, Page, ResourceStore
-from destinations import create_destination, default_secret
 from exportsvc.errors import SecretNotFound
 from exportsvc.export_task import JobSignals
 from exportsvc.records import ExportKind, JobStatus, utcnow
@@ -147,7 +146,7 @@ async def test_writes_during_the_export_do_not_leak_into_it(harness: Harness) ->
 
 
 async def _read_all(harness: Harness, record: Any) -> Any:
-    dest = create_destination(record.id, default_secret(harness.settings), harness.settings)
+    dest = harness.runtime.destinations.for_job(record.id, record.request.container)
     for f in record.output:
         async for chunk in dest.read(f.name):
             yield chunk

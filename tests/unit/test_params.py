@@ -166,3 +166,16 @@ def test_fingerprint_ignores_order() -> None:
 def test_parse_prefer() -> None:
     assert parse_prefer("respond-async, handling=lenient") == {"respond-async", "handling=lenient"}
     assert parse_prefer(None) == set()
+
+
+@pytest.mark.parametrize("name", ["abc", "exports-2026", "a1b", "x" * 63])
+def test_container_names_accepted(name: str) -> None:
+    assert parse([("_container", name)]).container == name
+
+
+@pytest.mark.parametrize(
+    "name", ["ab", "x" * 64, "Exports", "-abc", "abc-", "a--b", "a_b", "../etc", "a/b", "a b", ""]
+)
+def test_container_names_refused(name: str) -> None:
+    with pytest.raises(InvalidRequest, match="_container"):
+        parse([("_container", name)])
