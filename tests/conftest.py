@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,14 @@ from datastore.operations import OperationDataStore
 from datastore.resources import ResourceStore
 from datastore.sqlite import SqliteOperationDataStore, SqliteResourceStore
 from exportsvc.settings import Settings
+from tests.azurite import Azurite
+
+
+@pytest.fixture(scope="session")
+def azurite() -> Iterator[Azurite]:
+    """One Azurite for the session (in memory); tests use their own containers."""
+    with Azurite() as server:
+        yield server
 
 
 @pytest.fixture

@@ -48,12 +48,6 @@ __all__ = [  # the shared contract, collected here against Azure
 ]
 
 
-@pytest.fixture(scope="module")
-def azurite() -> Iterator[Azurite]:
-    with Azurite() as server:
-        yield server
-
-
 @pytest.fixture
 async def service(azurite: Azurite) -> AsyncIterator[BlobServiceClient]:
     async with BlobServiceClient.from_connection_string(azurite.connection_string) as client:

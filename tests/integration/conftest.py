@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
+from pydantic import SecretStr
 
 from exportsvc.export_task import ExportJobTask, JobSignals
 from exportsvc.records import ExportJobRecord, ExportKind, ExportRequest, utcnow
@@ -69,9 +71,18 @@ class Harness:
         return await validate_export(record, self.runtime.resources, dest)
 
 
-@pytest.fixture
-async def harness(settings: Settings) -> AsyncIterator[Harness]:
-    settings = settings.model_copy(update={"page_size": 50, "commit_every_pages": 2})
+@pytest.fixture(params=["filesystem", "azure-blob"])
+async def harness(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Harness]:
+    """The export stack on SQLite, writing to the filesystem or to Azurite."""
+    update: dict[str, object] = {"page_size": 50, "commit_every_pages": 2}
+    if request.param == "azure-blob":
+        azurite = request.getfixturevalue("azurite")
+        update |= {
+            "destination": "azure-blob",
+            "azure_connection_string": SecretStr(azurite.connection_string),
+            "azure_container": f"t{uuid.uuid4().hex[:20]}",
+        }
+    settings = settings.model_copy(update=update)
     async with open_runtime(settings) as runtime:
         await runtime.resources.write(generate(12, seed=7), keep_last_updated=True)
         yield Harness(runtime)

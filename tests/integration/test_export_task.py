@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from datastore.resources import ExportQuery, Page, ResourceStore
-from exportsvc.errors import SecretNotFound
+from exportsvc.errors import DestinationError, SecretNotFound
 from exportsvc.export_task import JobSignals
 from exportsvc.records import ExportKind, JobStatus, utcnow
 from tests.integration.conftest import Harness
@@ -216,7 +216,12 @@ async def test_cancel_deletes_files_and_secret(harness: Harness) -> None:
     store.page = original  # type: ignore[method-assign]
     cancelled = await harness.runtime.operations.get(record.id)
     assert cancelled is not None and cancelled.status == JobStatus.CANCELLED
-    assert not (harness.settings.output_root / record.id).exists()
+    progressed = await harness.runtime.operations.get(record.id)
+    assert progressed is not None and progressed.output, "files were committed before cancel"
+    dest = harness.runtime.destinations.for_job(record.id, None)
+    for f in progressed.output:
+        with pytest.raises(DestinationError):
+            [chunk async for chunk in dest.read(f.name)]
     with pytest.raises(SecretNotFound):
         await harness.runtime.secrets.get(record.secret_name or "")
 
