@@ -1,5 +1,9 @@
 """The operation data store: job records, the queue and the leases (DESIGN.md section 3).
 
+A job is an export, or an import (a parent record) with its batches (work items, each
+with ``parent_id`` set). Exports and batches are leased to workers; an import parent
+never is: its status follows its batches (:meth:`settle`).
+
 Every worker write is fenced: it names the lease version it holds, and a store refuses a
 stale one with :class:`~exportsvc.errors.LeaseLost`. Acquisition is atomic, so two
 workers never hold one job.
@@ -8,10 +12,13 @@ workers never hold one job.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from exportsvc.records import ExportJobRecord
+from exportsvc.records import ExportJobRecord, ImportBatchRecord, ImportJobRecord, JobRecord
+
+Job = ExportJobRecord | ImportJobRecord | ImportBatchRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,28 +37,33 @@ class OperationDataStore(abc.ABC):
         """Release connections."""
 
     @abc.abstractmethod
-    async def create_export(
-        self, record: ExportJobRecord, *, max_active_per_client: int
-    ) -> tuple[ExportJobRecord, bool]:
-        """Queue ``record``; or return the client's active job with the same fingerprint.
+    async def create_job(
+        self, record: Job, children: Sequence[Job] = (), *, max_active_per_client: int
+    ) -> tuple[Job, bool]:
+        """Queue ``record`` with its work items; or return the client's active job with
+        the same fingerprint.
 
         Returns ``(record, created)``. Raises ``TooManyJobs`` when the client already has
-        ``max_active_per_client`` active jobs. Check and insert are one transaction.
+        ``max_active_per_client`` active jobs. Check and inserts are one transaction, so
+        no worker ever sees a job without all its work items.
         """
 
     @abc.abstractmethod
-    async def get(self, job_id: str) -> ExportJobRecord | None:
+    async def get(self, job_id: str) -> Job | None:
         """The record as last checkpointed, with its control columns overlaid."""
 
     @abc.abstractmethod
-    async def acquire(
-        self, owner: str, lease_seconds: float, now: datetime
-    ) -> ExportJobRecord | None:
-        """Lease the oldest runnable job to ``owner`` and bump its fencing version.
+    async def children(self, parent_id: str) -> list[Job]:
+        """The work items of a job, in creation order."""
 
-        Runnable: ``queued``; ``retriable`` whose ``retry_after`` has passed; ``running``
-        whose lease expired (``restart_count`` += 1); or any not-yet-cancelled job with a
-        cancel request and no live lease (the worker then cleans it up).
+    @abc.abstractmethod
+    async def acquire(self, owner: str, lease_seconds: float, now: datetime) -> Job | None:
+        """Lease the oldest runnable export or work item to ``owner``; bump its fence.
+
+        Runnable: ``queued`` (or ``paused`` with the pause lifted); ``retriable`` whose
+        ``retry_after`` has passed; ``running`` whose lease expired (``restart_count``
+        += 1); or any not-yet-cancelled one with a cancel request and no live lease (the
+        worker then cleans it up). Paused ones are never acquired.
         """
 
     @abc.abstractmethod
@@ -61,7 +73,7 @@ class OperationDataStore(abc.ABC):
         """Extend the lease; raises ``LeaseLost`` when ``version`` is stale."""
 
     @abc.abstractmethod
-    async def save(self, record: ExportJobRecord) -> None:
+    async def save(self, record: JobRecord) -> None:
         """Persist ``record`` fenced by ``record.lease.version``; raises ``LeaseLost``.
 
         Writes everything but the control columns clients own (cancel, pause). Whoever
@@ -70,20 +82,28 @@ class OperationDataStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def request_pause(self, job_id: str, pause: bool) -> bool:
-        """Set or clear an active job's pause request; False when there is no such job.
+    async def settle(self, parent_id: str) -> None:
+        """Recompute a parent's status from its work items: ``running`` while any is
+        active, else ``completed`` when all completed, ``cancelled`` when any was
+        cancelled, else ``failed``."""
 
-        A paused job is never acquired; a running one pauses at its next page (checkpoint,
-        status ``paused``). Clearing the request makes a ``paused`` job runnable again.
+    @abc.abstractmethod
+    async def request_pause(self, job_id: str, pause: bool) -> bool:
+        """Set or clear an active job's (and its work items') pause request.
+
+        False when there is no such active job. A paused job is never acquired; a running
+        one pauses at its next page (checkpoint, status ``paused``). Clearing the request
+        makes a ``paused`` job runnable again.
         """
 
     @abc.abstractmethod
     async def request_cancel(self, job_id: str) -> bool:
-        """Flag a visible job for cancellation; False when there is no such job."""
+        """Flag a visible job and its work items for cancellation; False when there is
+        no such job."""
 
     @abc.abstractmethod
-    async def list(self, *, client: str | None = None, limit: int = 100) -> list[ExportJobRecord]:
-        """Jobs, newest first."""
+    async def list(self, *, client: str | None = None, limit: int = 100) -> list[Job]:
+        """Jobs (not work items), newest first."""
 
     # -- secrets: ciphertext only (``exportsvc.secrets`` encrypts and decrypts) ------------
 

@@ -11,10 +11,13 @@ store as of its kick-off, whatever is written while it runs. Pages are keyset pa
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from exportsvc.records import JobRecord
 
 MIN_TIME = -(2**62)
 MAX_TIME = 2**62
@@ -71,12 +74,27 @@ class VersionRow:
     raw: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where written resources come from in an import: ``positions[i]`` orders
+    ``resources[i]`` within the job's inputs. A version written from a later position of
+    the same job is never replaced from an earlier one, so among duplicate ids in an
+    input the last line wins, whatever order the batches run in."""
+
+    job_id: str
+    positions: Sequence[int]
+
+
 @dataclass(slots=True)
 class WriteResult:
     created: int = 0
     updated: int = 0
     unchanged: int = 0
     versions: list[tuple[str, str, int]] = field(default_factory=list)
+
+
+Checkpoint = Callable[[WriteResult], "JobRecord"]
+"""Called inside a write's transaction with its result; returns the record to save."""
 
 
 class ResourceStore(abc.ABC):
@@ -92,13 +110,20 @@ class ResourceStore(abc.ABC):
 
     @abc.abstractmethod
     async def write(
-        self, resources: Iterable[Mapping[str, Any]], *, keep_last_updated: bool = False
+        self,
+        resources: Iterable[Mapping[str, Any]],
+        *,
+        keep_last_updated: bool = False,
+        origin: Origin | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> WriteResult:
         """Store each resource as a new version (one transaction).
 
         Sets ``meta.versionId`` and ``meta.lastUpdated`` (the latter kept as given when
         ``keep_last_updated``, as the seeder does to spread data over past years). A
         resource whose content equals its current version creates no new version.
+        With ``checkpoint``, the record it returns is saved, fenced by its lease version,
+        in the same transaction: a stale lease (``LeaseLost``) writes nothing.
         """
 
     @abc.abstractmethod

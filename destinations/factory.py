@@ -71,6 +71,12 @@ class DestinationFactory:
         """The service's own view of a job's files (downloads, validation, cleanup)."""
         return self.create(job_id, self.secret_for(container))
 
+    def blob_service(self) -> BlobServiceClient | None:
+        """The configured Azure account's client (import inputs), if one is configured."""
+        if self.settings.destination != AZURE_BLOB:
+            return None
+        return self._service(self.secret_for())
+
     def _service(self, secret: Mapping[str, Any]) -> BlobServiceClient:
         key = str(secret.get("connection_string") or secret.get("account_url"))
         service = self._services.get(key)

@@ -16,6 +16,7 @@ from aiohttp import web
 from datastore.resources import WriteResult
 from exportsvc import logs
 from exportsvc.api import create_app
+from exportsvc.records import ExportJobRecord
 from exportsvc.runtime import open_runtime
 from exportsvc.settings import Settings
 from exportsvc.validator import validate_export
@@ -82,7 +83,7 @@ async def _seed(args: argparse.Namespace, settings: Settings) -> int:
 async def _validate(args: argparse.Namespace, settings: Settings) -> int:
     async with open_runtime(settings) as runtime:
         record = await runtime.operations.get(args.job_id)
-        if record is None:
+        if not isinstance(record, ExportJobRecord):
             print(f"no export job {args.job_id!r}", file=sys.stderr)
             return 2
         dest = runtime.destinations.for_job(record.id, record.request.container)
@@ -96,8 +97,11 @@ async def _jobs(args: argparse.Namespace, settings: Settings) -> int:
         records = await runtime.operations.list(limit=args.limit)
     print(f"{'id':<34}{'status':<11}{'progress':>22}{'fails':>6}{'restarts':>9}  last error")
     for r in records:
-        total = "?" if r.total_estimate is None else str(r.total_estimate)
-        progress = f"{r.resources_done}/{total}"
+        if isinstance(r, ExportJobRecord):
+            total = "?" if r.total_estimate is None else str(r.total_estimate)
+            progress = f"{r.resources_done}/{total}"
+        else:
+            progress = "import"
         print(
             f"{r.id:<34}{r.status.value:<11}{progress:>22}{r.failure_count:>6}"
             f"{r.restart_count:>9}  {r.last_error or ''}"

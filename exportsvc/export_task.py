@@ -2,120 +2,39 @@
 
 The loop: read a page by continuation point, append each resource's stored bytes to the
 current file of its type (rolling at ``max_file_bytes``), and every N pages or T seconds
-commit every touched file and only then persist the checkpoint. Whatever stops the task
-(completion, drain, pause, cancel) goes through a commit first, and every record write is
-fenced by the lease version and shielded from cancellation.
+commit every touched file and only then persist the checkpoint (``exportsvc.tasks``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
-from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import Sequence
+from typing import Any
 
-import orjson
-
-from datastore.operations import OperationDataStore
-from datastore.resources import ExportQuery, ResourceStore, Row
-from destinations import DestinationFactory, ExportDestinationClient, file_name
-from exportsvc.errors import InvalidRequest, LeaseLost, SecretNotFound
+from datastore.resources import ExportQuery, Row
+from exportsvc.errors import InvalidRequest
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT
 from exportsvc.fhir.group import member_ids
-from exportsvc.records import (
-    ExportJobRecord,
-    ExportKind,
-    FileRole,
-    JobStatus,
-    OutputFile,
-    TypeProgress,
-    utcnow,
-)
-from exportsvc.secrets import SecretStore
-from exportsvc.settings import Settings
+from exportsvc.records import ExportJobRecord, ExportKind, OutputFile, TypeProgress, utcnow
+from exportsvc.tasks import JobSignals, JobTask, outcome_line, shielded
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
+__all__ = ["ExportJobTask", "JobSignals", "shielded"]
 
 
-@dataclass(slots=True)
-class JobSignals:
-    """Set by the worker (drain) and the heartbeat (cancel, pause, lease lost)."""
-
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    pause: asyncio.Event = field(default_factory=asyncio.Event)
-    drain: asyncio.Event = field(default_factory=asyncio.Event)
-    lost: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-async def shielded(awaitable: Awaitable[T]) -> T:
-    """Run a record write to its end even if the caller is cancelled meanwhile."""
-    return await asyncio.shield(asyncio.ensure_future(awaitable))
-
-
-def error_line(diagnostics: str, code: str = "invalid", severity: str = "warning") -> bytes:
-    outcome = {
-        "resourceType": "OperationOutcome",
-        "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}],
-    }
-    return orjson.dumps(outcome) + b"\n"
-
-
-class ExportJobTask:
-    def __init__(
-        self,
-        record: ExportJobRecord,
-        *,
-        operations: OperationDataStore,
-        resources: ResourceStore,
-        secrets: SecretStore,
-        destinations: DestinationFactory,
-        settings: Settings,
-        signals: JobSignals | None = None,
-    ) -> None:
-        self.record = record
-        self.operations = operations
-        self.resources = resources
-        self.secrets = secrets
-        self.destinations = destinations
-        self.settings = settings
-        self.signals = signals or JobSignals()
-        self._dest: ExportDestinationClient | None = None
-        self._sizes: dict[str, int] = {f.name: f.committed_bytes for f in record.output}
-        self._touched: set[str] = set()
-        self._group_members: list[str] | None = None
+class ExportJobTask(JobTask[ExportJobRecord]):
+    _group_members: list[str] | None = None
 
     @property
-    def dest(self) -> ExportDestinationClient:
-        assert self._dest is not None, "destination not connected"
-        return self._dest
+    def container(self) -> str | None:
+        return self.record.request.container
 
-    async def run(self) -> None:
-        record = self.record
-        if record.cancel_requested:
-            await self._cancel()
-            return
-        secret = await self.secrets.get(record.secret_name or "")
-        self._dest = self.destinations.create(record.id, secret)
-        try:
-            await self.dest.connect()
-            await self.dest.restore(record.output)
-            log.info(
-                "job.started",
-                extra={
-                    "job": record.id,
-                    "version": record.lease.version,
-                    "pages_read": record.pages_read,
-                    "resources": record.resources_done,
-                },
-            )
-            if not record.progress:
-                await self._prepare()
-            await self._export()
-        finally:
-            await self.dest.close()
+    def _progress(self) -> dict[str, Any]:
+        return {"pages_read": self.record.pages_read, "resources": self.record.resources_done}
+
+    async def _run(self) -> None:
+        if not self.record.progress:
+            await self._prepare()
+        await self._export()
 
     # -- preparation ------------------------------------------------------------------
 
@@ -162,8 +81,9 @@ class ExportJobTask:
         record.started_at = utcnow()
         if request.ignored:
             errors = self._new_file("OperationOutcome", role="error")
-            await self.dest.write(errors.name, b"".join(error_line(m) for m in request.ignored))
-            errors.count = len(request.ignored)
+            await self.dest.start_file(errors)
+            lines = b"".join(outcome_line(m) for m in request.ignored)
+            await self._write(errors, lines, len(request.ignored))
         await self._checkpoint()
 
     # -- the loop ---------------------------------------------------------------------
@@ -195,14 +115,6 @@ class ExportJobTask:
         await self._checkpoint()
         await self._complete()
 
-    def _new_file(self, type_: str, role: FileRole = "output") -> OutputFile:
-        sequence = 1 + sum(1 for f in self.record.output if f.type == type_ and f.role == role)
-        f = OutputFile(type=type_, sequence=sequence, name=file_name(type_, sequence), role=role)
-        self.record.output.append(f)
-        self._sizes[f.name] = 0
-        self._touched.add(f.name)
-        return f
-
     def _current_file(self, type_: str) -> OutputFile | None:
         for f in reversed(self.record.output):
             if f.type == type_ and f.role == "output":
@@ -214,103 +126,22 @@ class ExportJobTask:
         limit = self.settings.max_file_bytes
         current = self._current_file(type_)
         chunk: list[bytes] = []
+        pending = 0
         for row in rows:
             size = len(row.raw) + 1
-            if current is None or (
-                self._sizes[current.name] and self._sizes[current.name] + size > limit
-            ):
+            used = self._sizes[current.name] + pending if current is not None else 0
+            if current is None or (used and used + size > limit):
                 if current is not None and chunk:
                     await self._flush(current, chunk)
-                    chunk = []
+                    chunk, pending = [], 0
                 current = self._new_file(type_)
                 await self.dest.start_file(current)
             chunk.append(row.raw)
-            self._sizes[current.name] += size
-            current.count += 1
+            pending += size
         if current is not None and chunk:
             await self._flush(current, chunk)
 
     async def _flush(self, file: OutputFile, chunk: list[bytes]) -> None:
+        count = len(chunk)
         chunk.append(b"")
-        await self.dest.write(file.name, b"\n".join(chunk))
-        self._touched.add(file.name)
-
-    # -- commit and checkpoint --------------------------------------------------------
-
-    async def _checkpoint(self) -> None:
-        """Commit every touched file, then (and only then) persist the record."""
-        if self.signals.lost.is_set():
-            raise LeaseLost()
-        record = self.record
-        touched = [f for f in record.output if f.name in self._touched]
-        committed = {f.name: f for f in await self.dest.commit(touched)}
-        record.output = [committed.get(f.name, f) for f in record.output]
-        record.failure_count = 0
-        record.retry_after = None
-        await shielded(self.operations.save(record))
-        self._touched.clear()
-        log.info(
-            "job.checkpoint",
-            extra={
-                "job": record.id,
-                "version": record.lease.version,
-                "pages_read": record.pages_read,
-                "resources": record.resources_done,
-                "files": len(record.output),
-            },
-        )
-
-    async def _stop_requested(self) -> bool:
-        """Handle cancel, pause and drain at a page boundary; True when the task stops."""
-        signals = self.signals
-        if signals.lost.is_set():
-            raise LeaseLost()
-        if signals.cancel.is_set():
-            await self._cancel()
-            return True
-        if signals.pause.is_set() or signals.drain.is_set():
-            await self._checkpoint()
-            paused = signals.pause.is_set()
-            await self._release(JobStatus.PAUSED if paused else JobStatus.QUEUED)
-            log.info("job.paused" if paused else "job.drained", extra={"job": self.record.id})
-            return True
-        return False
-
-    async def _release(self, status: JobStatus) -> None:
-        self.record.status = status
-        self.record.lease.owner = None
-        self.record.lease.expires_at = None
-        await shielded(self.operations.save(self.record))
-
-    async def _complete(self) -> None:
-        """Mark the job done (fenced), then delete what the manifest does not list.
-
-        In this order a worker that lost its lease can never delete the new owner's
-        files: its fenced save fails first. A crash between the two leaves unlisted
-        leftovers under the job's prefix, never a listed file missing."""
-        record = self.record
-        record.completed_at = utcnow()
-        await self._release(JobStatus.COMPLETED)
-        await self.dest.finalize(record.output)
-        await self._forget_secret()
-        log.info("job.completed", extra={"job": record.id, "resources": record.resources_done})
-
-    async def _cancel(self) -> None:
-        record = self.record
-        dest = self._dest
-        if dest is None:
-            try:
-                secret = await self.secrets.get(record.secret_name or "")
-            except SecretNotFound:  # the job had ended: the service's own destination
-                secret = self.destinations.secret_for(record.request.container)
-            dest = self.destinations.create(record.id, secret)
-        await dest.delete_all()
-        await dest.close()
-        record.completed_at = utcnow()
-        await self._release(JobStatus.CANCELLED)
-        await self._forget_secret()
-        log.info("job.cancelled", extra={"job": record.id})
-
-    async def _forget_secret(self) -> None:
-        if self.record.secret_name:
-            await self.secrets.delete(self.record.secret_name)
+        await self._write(file, b"\n".join(chunk), count)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 import orjson
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, TypeAdapter
 
 
 def utcnow() -> datetime:
@@ -101,15 +101,15 @@ class TypeProgress(BaseModel):
     count: int = 0
 
 
-class ExportJobRecord(BaseModel):
+class JobRecord(BaseModel):
+    """What every job and work item has: identity, status, lease, failures, files."""
+
     id: str
-    kind: Literal["export"] = "export"
+    kind: str
     client: str
-    request: ExportRequest
-    fingerprint: str
-    transaction_time: datetime
-    snapshot_seq: int
-    """The store sequence at kick-off: the export is the store as of this point."""
+    fingerprint: str = ""
+    parent_id: str | None = None
+    """Set on work items (import batches): the job they belong to."""
     secret_name: str | None = None
 
     status: JobStatus = JobStatus.QUEUED
@@ -121,11 +121,6 @@ class ExportJobRecord(BaseModel):
     error_status: int | None = None
     cancel_requested: bool = False
     pause_requested: bool = False
-
-    progress: list[TypeProgress] = Field(default_factory=list)
-    total_estimate: int | None = None
-    resources_done: int = 0
-    pages_read: int = 0
     output: list[OutputFile] = Field(default_factory=list)
 
     created_at: datetime = Field(default_factory=utcnow)
@@ -136,3 +131,81 @@ class ExportJobRecord(BaseModel):
     def visible(self) -> bool:
         """A cancelled (or cancel-requested) job no longer exists for its client."""
         return not self.cancel_requested and self.status != JobStatus.CANCELLED
+
+
+class ExportJobRecord(JobRecord):
+    kind: Literal["export"] = "export"
+    request: ExportRequest
+    transaction_time: datetime
+    snapshot_seq: int
+    """The store sequence at kick-off: the export is the store as of this point."""
+
+    progress: list[TypeProgress] = Field(default_factory=list)
+    total_estimate: int | None = None
+    resources_done: int = 0
+    pages_read: int = 0
+
+
+class ImportMode(StrEnum):
+    INCREMENTAL = "IncrementalLoad"
+    INITIAL = "InitialLoad"
+
+
+class ImportInput(BaseModel):
+    type: str | None = None
+    url: str
+    etag: str | None = None
+    size: int = 0
+
+
+class ImportRequest(BaseModel):
+    mode: ImportMode = ImportMode.INCREMENTAL
+    inputs: list[ImportInput]
+    request_url: str
+
+    def fingerprint(self) -> str:
+        body = self.model_dump(mode="json", exclude={"request_url"})
+        return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class ImportJobRecord(JobRecord):
+    """The parent of an import: never leased; its batches are the work items."""
+
+    kind: Literal["import"] = "import"
+    request: ImportRequest
+    transaction_time: datetime
+    batch_count: int
+
+
+class ImportBatchRecord(JobRecord):
+    """Lines of one input whose first byte lies in ``[start, end)``, and where it stands."""
+
+    kind: Literal["import-batch"] = "import-batch"
+    input_index: int
+    input: ImportInput
+    mode: ImportMode = ImportMode.INCREMENTAL
+    start: int
+    end: int
+    offset: int
+    """The byte offset of the next line to read: the continuation point."""
+    lines_read: int = 0
+    first_line: int | None = None
+    """The input's line number (1-based) of the batch's first line, counted when needed."""
+    counts: dict[str, int] = Field(default_factory=dict)
+    """Resources imported per type (created or updated; unchanged ones included)."""
+    created: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    errors: int = 0
+
+
+AnyJob = Annotated[
+    ExportJobRecord | ImportJobRecord | ImportBatchRecord, Field(discriminator="kind")
+]
+JOB_ADAPTER: TypeAdapter[ExportJobRecord | ImportJobRecord | ImportBatchRecord] = TypeAdapter(
+    AnyJob
+)
+
+
+def load_record(data: str | bytes) -> ExportJobRecord | ImportJobRecord | ImportBatchRecord:
+    return JOB_ADAPTER.validate_json(data)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datastore.operations import OperationDataStore
 from datastore.resources import ResourceStore
 from datastore.sqlite import SqliteOperationDataStore, SqliteResourceStore
+from datastore.sqlite.db import SqliteDatabase
 from destinations import DestinationFactory
 from exportsvc.secrets import SecretStore, load_key
 from exportsvc.settings import Settings
@@ -32,8 +33,9 @@ class Runtime:
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    operations = SqliteOperationDataStore(settings.database_path)
-    resources = SqliteResourceStore(settings.database_path)
+    database = SqliteDatabase(settings.database_path)
+    operations = SqliteOperationDataStore(database)
+    resources = SqliteResourceStore(database)
     await operations.open()
     try:
         await resources.open()

@@ -39,6 +39,16 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     """Bearer token for ``/_admin``; when unset, only loopback clients may use it."""
 
+    # import
+    import_root: Path | None = None
+    """``file://`` inputs must lie inside this folder; unset: no file inputs."""
+    import_allowed_hosts: list[str] = Field(default_factory=list)
+    """http(s) inputs only from these hosts (``host`` or ``host:port``), JSON list."""
+    import_batch_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """Each input is split into batches (work items) of this many bytes."""
+    import_max_line_bytes: int = Field(default=4 * 1024 * 1024, ge=256)
+    import_lines_per_commit: int = Field(default=2000, ge=1)
+
     # export loop
     page_size: int = Field(default=2000, ge=1, le=100_000)
     max_file_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)

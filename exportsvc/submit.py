@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import uuid
 
-from datastore.operations import OperationDataStore
+from datastore.operations import Job, OperationDataStore
 from datastore.resources import ResourceStore
 from destinations import DestinationFactory
 from exportsvc.errors import Conflict, LeaseLost, NotFound
-from exportsvc.records import ExportJobRecord, ExportRequest, JobStatus, utcnow
+from exportsvc.records import (
+    ExportJobRecord,
+    ExportRequest,
+    ImportJobRecord,
+    JobRecord,
+    JobStatus,
+    utcnow,
+)
 from exportsvc.secrets import SecretStore
 from exportsvc.settings import Settings
 
@@ -43,7 +50,7 @@ async def submit_export(
     )
     await secrets.put(secret_name, destinations.secret_for(request.container))
     try:
-        stored, created = await operations.create_export(
+        stored, created = await operations.create_job(
             record, max_active_per_client=settings.max_active_jobs_per_client
         )
     except BaseException:
@@ -51,6 +58,7 @@ async def submit_export(
         raise
     if not created:
         await secrets.delete(secret_name)
+    assert isinstance(stored, ExportJobRecord)
     return stored, created
 
 
@@ -60,15 +68,35 @@ async def retry_failed(
     operations: OperationDataStore,
     secrets: SecretStore,
     destinations: DestinationFactory,
-) -> ExportJobRecord:
-    """Queue a failed job again. It resumes from its last checkpoint, not from scratch."""
+) -> Job:
+    """Queue a failed job again: it resumes from its last checkpoint, not from scratch.
+    For an import, only its failed batches run again."""
     record = await operations.get(job_id)
-    if record is None or not record.visible:
-        raise NotFound(f"no export job {job_id!r}")
+    if record is None or not record.visible or record.parent_id is not None:
+        raise NotFound(f"no job {job_id!r}")
     if record.status != JobStatus.FAILED:
         raise Conflict(f"job {job_id} is {record.status.value}; only a failed job can be retried")
+    if isinstance(record, ImportJobRecord):
+        for batch in await operations.children(record.id):
+            if batch.status == JobStatus.FAILED:
+                await _requeue(batch, operations, secrets, destinations, None)
+        await operations.settle(record.id)
+    elif isinstance(record, ExportJobRecord):
+        await _requeue(record, operations, secrets, destinations, record.request.container)
+    stored = await operations.get(job_id)
+    assert stored is not None
+    return stored
+
+
+async def _requeue(
+    record: JobRecord,
+    operations: OperationDataStore,
+    secrets: SecretStore,
+    destinations: DestinationFactory,
+    container: str | None,
+) -> None:
     if record.secret_name:  # deleted when the job failed: the service's destination again
-        await secrets.put(record.secret_name, destinations.secret_for(record.request.container))
+        await secrets.put(record.secret_name, destinations.secret_for(container))
     record.status = JobStatus.QUEUED
     record.failure_count = 0
     record.restart_count = 0
@@ -78,5 +106,4 @@ async def retry_failed(
     try:
         await operations.save(record)
     except LeaseLost as exc:
-        raise Conflict(f"job {job_id} changed meanwhile; try again") from exc
-    return record
+        raise Conflict(f"job {record.id} changed meanwhile; try again") from exc

@@ -19,14 +19,16 @@ from datetime import timedelta
 from functools import partial
 from typing import Any
 
-from datastore.operations import OperationDataStore
+from datastore.operations import Job, OperationDataStore
 from datastore.resources import ResourceStore
 from destinations import DestinationFactory
 from exportsvc.errors import ExportSvcError, LeaseLost
-from exportsvc.export_task import ExportJobTask, JobSignals, shielded
-from exportsvc.records import ExportJobRecord, JobStatus, utcnow
+from exportsvc.export_task import ExportJobTask
+from exportsvc.import_task import ImportBatchTask
+from exportsvc.records import ExportJobRecord, ImportBatchRecord, JobRecord, JobStatus, utcnow
 from exportsvc.secrets import SecretStore
 from exportsvc.settings import Settings
+from exportsvc.tasks import JobSignals, JobTask, shielded
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ def backoff_seconds(failures: int, settings: Settings, rng: random.Random | None
 class _Running:
     task: asyncio.Task[None]
     signals: JobSignals
-    record: ExportJobRecord
+    record: Job
     heartbeat: asyncio.Task[None] | None = None
 
 
@@ -119,7 +121,7 @@ class Worker:
             running.heartbeat.cancel()
         self._wake.set()
 
-    async def _heartbeat(self, record: ExportJobRecord, signals: JobSignals) -> None:
+    async def _heartbeat(self, record: Job, signals: JobSignals) -> None:
         interval = self.settings.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
@@ -139,7 +141,7 @@ class Worker:
             if control.pause_requested:
                 signals.pause.set()
 
-    async def _process(self, record: ExportJobRecord, signals: JobSignals) -> None:
+    async def _process(self, record: Job, signals: JobSignals) -> None:
         if record.restart_count > self.settings.max_restarts and not record.cancel_requested:
             await self._fail(
                 record,
@@ -150,15 +152,21 @@ class Worker:
                 final=True,
             )
             return
-        task = ExportJobTask(
-            record,
-            operations=self.operations,
-            resources=self.resources,
-            secrets=self.secrets,
-            destinations=self.destinations,
-            settings=self.settings,
-            signals=signals,
-        )
+        facilities: dict[str, Any] = {
+            "operations": self.operations,
+            "resources": self.resources,
+            "secrets": self.secrets,
+            "destinations": self.destinations,
+            "settings": self.settings,
+            "signals": signals,
+        }
+        task: JobTask[Any]
+        if isinstance(record, ExportJobRecord):
+            task = ExportJobTask(record, **facilities)
+        elif isinstance(record, ImportBatchRecord):
+            task = ImportBatchTask(record, **facilities)
+        else:
+            raise AssertionError(f"no task runs {record.kind} records")
         try:
             await task.run()
         except LeaseLost:
@@ -174,7 +182,7 @@ class Worker:
 
     async def _fail(
         self,
-        record: ExportJobRecord,
+        record: JobRecord,
         exc: ExportSvcError,
         *,
         final: bool = False,
@@ -208,8 +216,10 @@ class Worker:
             return
         if stored.status == JobStatus.FAILED and stored.secret_name:
             await self.secrets.delete(stored.secret_name)
+        if stored.status == JobStatus.FAILED and stored.parent_id:
+            await self.operations.settle(stored.parent_id)
 
-    async def _release_after_cancel(self, record: ExportJobRecord) -> None:
+    async def _release_after_cancel(self, record: JobRecord) -> None:
         """Past the drain grace: keep the last checkpoint, hand the job back to the queue."""
         stored = await self.operations.get(record.id)
         if stored is None or stored.lease.version != record.lease.version:

@@ -11,6 +11,7 @@ from datastore.memory import MemoryOperationDataStore, MemoryResourceStore
 from datastore.operations import OperationDataStore
 from datastore.resources import ResourceStore
 from datastore.sqlite import SqliteOperationDataStore, SqliteResourceStore
+from datastore.sqlite.db import SqliteDatabase
 from exportsvc.settings import Settings
 from tests.azurite import Azurite
 
@@ -39,6 +40,26 @@ async def operations(
     await store.open()
     yield store
     await store.close()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def stores(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[tuple[OperationDataStore, ResourceStore]]:
+    """Both stores sharing one database (so a write and a checkpoint share a transaction)."""
+    operations: OperationDataStore
+    resources: ResourceStore
+    if request.param == "memory":
+        memory_operations = MemoryOperationDataStore()
+        operations, resources = memory_operations, MemoryResourceStore(memory_operations)
+    else:
+        database = SqliteDatabase(tmp_path / "shared.sqlite3")
+        operations, resources = SqliteOperationDataStore(database), SqliteResourceStore(database)
+    await operations.open()
+    await resources.open()
+    yield operations, resources
+    await resources.close()
+    await operations.close()
 
 
 @pytest.fixture(params=["memory", "sqlite"])

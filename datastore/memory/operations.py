@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import TypeVar
 
-from datastore.operations import JobControl, OperationDataStore
+from datastore.operations import Job, JobControl, OperationDataStore
 from exportsvc.errors import LeaseLost, TooManyJobs
-from exportsvc.records import ACTIVE_STATUSES, ExportJobRecord, JobStatus
+from exportsvc.records import ACTIVE_STATUSES, JobRecord, JobStatus
+
+R = TypeVar("R", bound=JobRecord)
 
 _CLEANABLE = frozenset(
     {JobStatus.QUEUED, JobStatus.RETRIABLE, JobStatus.PAUSED, JobStatus.COMPLETED, JobStatus.FAILED}
@@ -15,19 +19,20 @@ _CLEANABLE = frozenset(
 
 class MemoryOperationDataStore(OperationDataStore):
     def __init__(self) -> None:
-        self._jobs: dict[str, ExportJobRecord] = {}
+        self._jobs: dict[str, Job] = {}
         self.secrets: dict[str, bytes] = {}
 
-    def _copy(self, record: ExportJobRecord) -> ExportJobRecord:
+    def _copy(self, record: R) -> R:
         return record.model_copy(deep=True)
 
-    async def create_export(
-        self, record: ExportJobRecord, *, max_active_per_client: int
-    ) -> tuple[ExportJobRecord, bool]:
+    async def create_job(
+        self, record: Job, children: Sequence[Job] = (), *, max_active_per_client: int
+    ) -> tuple[Job, bool]:
         active = [
             job
             for job in self._jobs.values()
             if job.client == record.client
+            and job.parent_id is None
             and job.status in ACTIVE_STATUSES
             and not job.cancel_requested
         ]
@@ -40,14 +45,20 @@ class MemoryOperationDataStore(OperationDataStore):
                 f"(limit {max_active_per_client}); retry when one has finished",
                 headers={"Retry-After": "30"},
             )
-        self._jobs[record.id] = self._copy(record)
+        for job in (record, *children):
+            self._jobs[job.id] = self._copy(job)
         return self._copy(record), True
 
-    async def get(self, job_id: str) -> ExportJobRecord | None:
+    async def get(self, job_id: str) -> Job | None:
         job = self._jobs.get(job_id)
         return self._copy(job) if job else None
 
-    def _runnable(self, job: ExportJobRecord, now: datetime) -> bool:
+    async def children(self, parent_id: str) -> list[Job]:
+        return [self._copy(j) for j in self._jobs.values() if j.parent_id == parent_id]
+
+    def _runnable(self, job: Job, now: datetime) -> bool:
+        if job.kind == "import":
+            return False
         if job.cancel_requested and job.status in _CLEANABLE:
             return True
         if job.status == JobStatus.RUNNING:
@@ -58,9 +69,7 @@ class MemoryOperationDataStore(OperationDataStore):
             return job.retry_after is None or job.retry_after <= now
         return job.status in (JobStatus.QUEUED, JobStatus.PAUSED)
 
-    async def acquire(
-        self, owner: str, lease_seconds: float, now: datetime
-    ) -> ExportJobRecord | None:
+    async def acquire(self, owner: str, lease_seconds: float, now: datetime) -> Job | None:
         candidates = [j for j in self._jobs.values() if self._runnable(j, now)]
         if not candidates:
             return None
@@ -82,31 +91,57 @@ class MemoryOperationDataStore(OperationDataStore):
         job.lease.expires_at = now + timedelta(seconds=lease_seconds)
         return JobControl(job.cancel_requested, job.pause_requested)
 
-    async def save(self, record: ExportJobRecord) -> None:
+    async def save(self, record: JobRecord) -> None:
+        self.save_now(record)
+
+    def save_now(self, record: JobRecord) -> None:
         job = self._jobs.get(record.id)
         if job is None or job.lease.version != record.lease.version:
             raise LeaseLost()
-        saved = self._copy(record)
+        saved: Job = self._copy(record)  # type: ignore[assignment]
         saved.cancel_requested = job.cancel_requested
         saved.pause_requested = job.pause_requested
         self._jobs[record.id] = saved
+
+    async def settle(self, parent_id: str) -> None:
+        parent = self._jobs[parent_id]
+        statuses = {j.status for j in self._jobs.values() if j.parent_id == parent_id}
+        if statuses & ACTIVE_STATUSES:
+            parent.status = JobStatus.RUNNING
+        elif statuses <= {JobStatus.COMPLETED}:
+            parent.status = JobStatus.COMPLETED
+        elif JobStatus.CANCELLED in statuses:
+            parent.status = JobStatus.CANCELLED
+        else:
+            parent.status = JobStatus.FAILED
+
+    def _family(self, job_id: str) -> list[Job]:
+        return [j for j in self._jobs.values() if j.id == job_id or j.parent_id == job_id]
 
     async def request_pause(self, job_id: str, pause: bool) -> bool:
         job = self._jobs.get(job_id)
         if job is None or not job.visible or job.status not in ACTIVE_STATUSES:
             return False
-        job.pause_requested = pause
+        for j in self._family(job_id):
+            if j.visible and j.status in ACTIVE_STATUSES:
+                j.pause_requested = pause
         return True
 
     async def request_cancel(self, job_id: str) -> bool:
         job = self._jobs.get(job_id)
         if job is None or not job.visible:
             return False
-        job.cancel_requested = True
+        for j in self._family(job_id):
+            if j.visible:
+                j.cancel_requested = True
         return True
 
-    async def list(self, *, client: str | None = None, limit: int = 100) -> list[ExportJobRecord]:
-        jobs = [j for j in self._jobs.values() if client is None or j.client == client]
+    async def list(self, *, client: str | None = None, limit: int = 100) -> list[Job]:
+        jobs = [
+            j
+            for j in self._jobs.values()
+            if j.parent_id is None and (client is None or j.client == client)
+        ]
         jobs.sort(key=lambda j: j.created_at, reverse=True)
         return [self._copy(j) for j in jobs[:limit]]
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from datastore.memory.operations import MemoryOperationDataStore
 from datastore.resources import (
     MAX_TIME,
     MIN_TIME,
+    Checkpoint,
     ExportQuery,
+    Origin,
     Page,
     ResourceStore,
     Row,
@@ -33,12 +37,16 @@ class _Version:
     raw: bytes | None
     patients: frozenset[str]
     next_seq: int | None = None
+    origin: tuple[str, int] | None = None
 
 
 class MemoryResourceStore(ResourceStore):
-    def __init__(self) -> None:
+    """``operations``: the store whose records ``write(checkpoint=...)`` saves."""
+
+    def __init__(self, operations: MemoryOperationDataStore | None = None) -> None:
         self._versions: list[_Version] = []
         self._current: dict[tuple[str, str], _Version] = {}
+        self._operations = operations
 
     async def current_seq(self) -> int:
         return len(self._versions)
@@ -51,16 +59,32 @@ class MemoryResourceStore(ResourceStore):
         self._current[(entry.type, entry.id)] = entry
 
     async def write(
-        self, resources: Iterable[Mapping[str, Any]], *, keep_last_updated: bool = False
+        self,
+        resources: Iterable[Mapping[str, Any]],
+        *,
+        keep_last_updated: bool = False,
+        origin: Origin | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> WriteResult:
         result = WriteResult()
         now = utcnow()
-        for resource in resources:
-            current = self._current.get((resource.get("resourceType"), resource.get("id")))  # type: ignore[arg-type]
+        if checkpoint is not None and self._operations is None:
+            raise RuntimeError("this store has no operation store to save checkpoints in")
+        undo = copy.deepcopy((self._versions, self._current)) if checkpoint else None
+        for index, resource in enumerate(resources):
+            key = (str(resource.get("resourceType")), str(resource.get("id")))
+            current = self._current.get(key)
+            mark = (origin.job_id, origin.positions[index]) if origin else None
+            same_job = current and mark and current.origin and current.origin[0] == mark[0]
+            if same_job and current and current.origin and mark and current.origin[1] > mark[1]:
+                result.unchanged += 1  # a later line of this import already wrote it
+                continue
             previous = (current.version, current.raw) if current else None
             version = new_version(resource, previous, now, keep_last_updated=keep_last_updated)
             if version is None:
                 result.unchanged += 1
+                if current and mark:
+                    current.origin = mark
                 continue
             if current:
                 result.updated += 1
@@ -75,9 +99,17 @@ class MemoryResourceStore(ResourceStore):
                     version.last_updated,
                     version.raw,
                     version.patients,
+                    origin=mark,
                 )
             )
             result.versions.append((version.type, version.id, version.version))
+        if checkpoint is not None and self._operations is not None:
+            try:
+                self._operations.save_now(checkpoint(result))
+            except BaseException:
+                assert undo is not None
+                self._versions, self._current = undo  # one transaction: nothing written
+                raise
         return result
 
     async def delete(self, type_: str, id_: str) -> bool:

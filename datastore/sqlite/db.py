@@ -57,12 +57,20 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 class SqliteDatabase:
+    """One connection on one thread. Both stores of a process share it, so an import
+    batch writes its resources and its checkpoint in one transaction; ``open`` and
+    ``close`` count their callers."""
+
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{self.path.name}")
         self._conn: sqlite3.Connection | None = None
+        self._users = 0
 
     async def open(self) -> None:
+        self._users += 1
+        if self._conn is not None:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = await self._submit(self._connect)
         await self.run(_migrate)
@@ -87,6 +95,9 @@ class SqliteDatabase:
         return await self._submit(lambda: fn(conn))
 
     async def close(self) -> None:
+        self._users -= 1
+        if self._users > 0:
+            return
         conn, self._conn = self._conn, None
         if conn is not None:
             await self._submit(conn.close)

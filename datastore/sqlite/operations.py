@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from datastore.columns import epoch, record_from_row, save_params
-from datastore.operations import JobControl, OperationDataStore
+from datastore.columns import epoch, insert_params, record_from_row, save_params
+from datastore.operations import Job, JobControl, OperationDataStore
 from datastore.sqlite.db import SqliteDatabase, queries, transaction
 from exportsvc.errors import LeaseLost, TooManyJobs
-from exportsvc.records import ExportJobRecord
+from exportsvc.records import JobRecord
 
 Q = queries("operations.sql")
 
 
 class SqliteOperationDataStore(OperationDataStore):
-    def __init__(self, path: Path | str) -> None:
-        self.db = SqliteDatabase(path)
+    def __init__(self, db: SqliteDatabase | Path | str) -> None:
+        self.db = db if isinstance(db, SqliteDatabase) else SqliteDatabase(db)
 
     async def open(self) -> None:
         await self.db.open()
@@ -25,9 +26,9 @@ class SqliteOperationDataStore(OperationDataStore):
     async def close(self) -> None:
         await self.db.close()
 
-    async def create_export(
-        self, record: ExportJobRecord, *, max_active_per_client: int
-    ) -> tuple[ExportJobRecord, bool]:
+    async def create_job(
+        self, record: Job, children: Sequence[Job] = (), *, max_active_per_client: int
+    ) -> tuple[Job, bool]:
         key = {"client": record.client, "fingerprint": record.fingerprint}
 
         def create(conn: sqlite3.Connection) -> tuple[str, bool]:
@@ -37,23 +38,11 @@ class SqliteOperationDataStore(OperationDataStore):
             active = conn.execute(Q["count_active"], key).fetchone()[0]
             if active >= max_active_per_client:
                 raise TooManyJobs(
-                    f"this client already has {active} active export jobs "
+                    f"this client already has {active} active jobs "
                     f"(limit {max_active_per_client}); retry when one has finished",
                     headers={"Retry-After": "30"},
                 )
-            conn.execute(
-                Q["insert"],
-                {
-                    **key,
-                    "id": record.id,
-                    "kind": record.kind,
-                    "status": record.status.value,
-                    "lease_version": record.lease.version,
-                    "retry_after": epoch(record.retry_after),
-                    "created_at": epoch(record.created_at),
-                    "record": record.model_dump_json(),
-                },
-            )
+            conn.executemany(Q["insert"], [insert_params(r) for r in (record, *children)])
             return record.id, True
 
         job_id, created = await self.db.run(lambda c: transaction(c, create))
@@ -61,13 +50,15 @@ class SqliteOperationDataStore(OperationDataStore):
         assert stored is not None
         return stored, created
 
-    async def get(self, job_id: str) -> ExportJobRecord | None:
+    async def get(self, job_id: str) -> Job | None:
         row = await self.db.run(lambda c: c.execute(Q["get"], {"id": job_id}).fetchone())
         return record_from_row(row) if row else None
 
-    async def acquire(
-        self, owner: str, lease_seconds: float, now: datetime
-    ) -> ExportJobRecord | None:
+    async def children(self, parent_id: str) -> list[Job]:
+        rows = await self.db.run(lambda c: c.execute(Q["children"], {"id": parent_id}).fetchall())
+        return [record_from_row(r) for r in rows]
+
+    async def acquire(self, owner: str, lease_seconds: float, now: datetime) -> Job | None:
         params = {
             "owner": owner,
             "now": epoch(now),
@@ -93,22 +84,36 @@ class SqliteOperationDataStore(OperationDataStore):
             raise LeaseLost()
         return JobControl(cancel_requested=bool(row[0]), pause_requested=bool(row[1]))
 
-    async def save(self, record: ExportJobRecord) -> None:
+    async def save(self, record: JobRecord) -> None:
         params = save_params(record)
         count = await self.db.run(lambda c: c.execute(Q["save"], params).rowcount)
         if count != 1:
             raise LeaseLost()
 
+    async def settle(self, parent_id: str) -> None:
+        await self.db.run(lambda c: c.execute(Q["settle"], {"id": parent_id}))
+
     async def request_pause(self, job_id: str, pause: bool) -> bool:
         params = {"id": job_id, "pause": int(pause)}
-        count = await self.db.run(lambda c: c.execute(Q["request_pause"], params).rowcount)
-        return bool(count == 1)
+
+        def pause_all(conn: sqlite3.Connection) -> bool:
+            found = conn.execute(Q["request_pause"], params).rowcount == 1
+            if found:
+                conn.execute(Q["request_pause_children"], params)
+            return found
+
+        return await self.db.run(lambda c: transaction(c, pause_all))
 
     async def request_cancel(self, job_id: str) -> bool:
-        count = await self.db.run(lambda c: c.execute(Q["request_cancel"], {"id": job_id}).rowcount)
-        return bool(count == 1)
+        def cancel(conn: sqlite3.Connection) -> bool:
+            found = conn.execute(Q["request_cancel"], {"id": job_id}).rowcount == 1
+            if found:
+                conn.execute(Q["request_cancel_children"], {"id": job_id})
+            return found
 
-    async def list(self, *, client: str | None = None, limit: int = 100) -> list[ExportJobRecord]:
+        return await self.db.run(lambda c: transaction(c, cancel))
+
+    async def list(self, *, client: str | None = None, limit: int = 100) -> list[Job]:
         params: dict[str, object] = {"limit": limit, "client": client}
         sql = Q["list_all"] if client is None else Q["list_client"]
         rows = await self.db.run(lambda c: c.execute(sql, params).fetchall())

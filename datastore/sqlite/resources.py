@@ -11,10 +11,13 @@ from typing import Any
 
 import orjson
 
+from datastore.columns import save_params
 from datastore.resources import (
     MAX_TIME,
     MIN_TIME,
+    Checkpoint,
     ExportQuery,
+    Origin,
     Page,
     ResourceStore,
     Row,
@@ -24,9 +27,11 @@ from datastore.resources import (
 )
 from datastore.sqlite.db import SqliteDatabase, queries, transaction
 from datastore.versioning import new_version
+from exportsvc.errors import LeaseLost
 from exportsvc.records import utcnow
 
 Q = queries("resources.sql")
+OPS = queries("operations.sql")
 
 
 def _filter_params(query: ExportQuery) -> tuple[str, dict[str, Any]]:
@@ -43,8 +48,8 @@ def _filter_params(query: ExportQuery) -> tuple[str, dict[str, Any]]:
 
 
 class SqliteResourceStore(ResourceStore):
-    def __init__(self, path: Path | str) -> None:
-        self.db = SqliteDatabase(path)
+    def __init__(self, db: SqliteDatabase | Path | str) -> None:
+        self.db = db if isinstance(db, SqliteDatabase) else SqliteDatabase(db)
 
     async def open(self) -> None:
         await self.db.open()
@@ -56,13 +61,16 @@ class SqliteResourceStore(ResourceStore):
         return await self.db.run(lambda c: int(c.execute(Q["current_seq"]).fetchone()[0]))
 
     async def write(
-        self, resources: Iterable[Mapping[str, Any]], *, keep_last_updated: bool = False
+        self,
+        resources: Iterable[Mapping[str, Any]],
+        *,
+        keep_last_updated: bool = False,
+        origin: Origin | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> WriteResult:
         batch = list(resources)
-        now = utcnow()
-        return await self.db.run(
-            lambda c: transaction(c, partial(_write, batch, now, keep_last_updated))
-        )
+        write = partial(_write, batch, utcnow(), keep_last_updated, origin, checkpoint)
+        return await self.db.run(lambda c: transaction(c, write))
 
     async def delete(self, type_: str, id_: str) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:
@@ -71,7 +79,8 @@ class SqliteResourceStore(ResourceStore):
                 return False
             seq = conn.execute(Q["current_seq"]).fetchone()[0] + 1
             conn.execute(Q["supersede"], {"seq": current[0], "next_seq": seq})
-            row = (seq, type_, id_, current[1] + 1, to_micros(utcnow(), 0), 1, None, None)
+            stamp = to_micros(utcnow(), 0)
+            row = (seq, type_, id_, current[1] + 1, stamp, 1, None, None, None, None)
             conn.execute(Q["insert_version"], row)
             return True
 
@@ -131,26 +140,34 @@ def _write(
     batch: list[Mapping[str, Any]],
     now: datetime,
     keep_last_updated: bool,
+    origin: Origin | None,
+    checkpoint: Checkpoint | None,
     conn: sqlite3.Connection,
 ) -> WriteResult:
     """One transaction: look up the current versions of the whole batch (one query per
-    type), then insert every new version with explicit sequence numbers in bulk."""
-    current: dict[tuple[str, str], tuple[int, int, bytes | None]] = {}
+    type), insert every new version with explicit sequence numbers in bulk, then save the
+    checkpoint (fenced) in the same transaction."""
+    current: dict[tuple[str, str], list[Any]] = {}
     wanted: dict[str, set[str]] = {}
     for resource in batch:
         wanted.setdefault(str(resource.get("resourceType")), set()).add(str(resource.get("id")))
     for type_, ids in wanted.items():
         params = {"type": type_, "ids": orjson.dumps(sorted(ids)).decode()}
-        for id_, seq, version, raw in conn.execute(Q["current_versions"], params):
-            current[(type_, id_)] = (seq, version, raw)
+        for id_, *found in conn.execute(Q["current_versions"], params):
+            current[(type_, id_)] = found  # seq, version, raw, import_job, import_pos
     seq = first = conn.execute(Q["current_seq"]).fetchone()[0]
     result = WriteResult()
     rows: list[list[Any]] = []
     superseded: list[tuple[int, int]] = []
     patients: list[tuple[str, int]] = []
-    for resource in batch:
+    moved: list[tuple[str, int, int]] = []
+    for index, resource in enumerate(batch):
         key = (str(resource.get("resourceType")), str(resource.get("id")))
         previous = current.get(key)
+        job, pos = (origin.job_id, origin.positions[index]) if origin else (None, None)
+        if previous and origin and previous[3] == job and previous[4] > pos:
+            result.unchanged += 1  # a later line of this import already wrote it
+            continue
         version = new_version(
             resource,
             (previous[1], previous[2]) if previous else None,
@@ -159,6 +176,12 @@ def _write(
         )
         if version is None:
             result.unchanged += 1
+            if previous and origin:
+                previous[3:5] = [job, pos]
+                if previous[0] <= first:
+                    moved.append((str(job), int(pos or 0), previous[0]))
+                else:
+                    rows[previous[0] - first - 1][8:10] = [job, pos]
             continue
         seq += 1
         if previous and previous[0] > first:  # written earlier in this same batch
@@ -167,11 +190,17 @@ def _write(
             superseded.append((seq, previous[0]))
         result.updated += bool(previous)
         result.created += not previous
-        rows.append([seq, *key, version.version, version.last_updated, 0, version.raw, None])
+        row = [seq, *key, version.version, version.last_updated, 0, version.raw, None, job, pos]
+        rows.append(row)
         patients.extend((p, seq) for p in version.patients)
-        current[key] = (seq, version.version, version.raw)
+        current[key] = [seq, version.version, version.raw, job, pos]
         result.versions.append((version.type, version.id, version.version))
     conn.executemany(Q["supersede_many"], superseded)
     conn.executemany(Q["insert_version"], rows)
     conn.executemany(Q["insert_patient"], patients)
+    conn.executemany(Q["set_import_pos"], moved)
+    if checkpoint is not None:
+        record = checkpoint(result)
+        if conn.execute(OPS["save"], save_params(record)).rowcount != 1:
+            raise LeaseLost()
     return result

@@ -14,10 +14,11 @@ from typing import Any
 
 from aiohttp import web
 
+from datastore.operations import Job
 from exportsvc.api.keys import DESTINATIONS, OPERATIONS, SECRETS, SETTINGS, WORKER
 from exportsvc.api.outcome import outcome_response
 from exportsvc.errors import Forbidden, NotFound
-from exportsvc.records import ExportJobRecord
+from exportsvc.records import ExportJobRecord, ImportBatchRecord, JobStatus
 from exportsvc.submit import retry_failed
 
 routes = web.RouteTableDef()
@@ -38,16 +39,14 @@ def _require_admin(request: web.Request) -> None:
         raise Forbidden("the admin endpoints answer loopback clients only (no admin token set)")
 
 
-def job_summary(record: ExportJobRecord) -> dict[str, Any]:
-    return {
+def job_summary(record: Job, items: list[Job] | None = None) -> dict[str, Any]:
+    """One job for operators; an import's progress is the sum of its batches (``items``)."""
+    summary: dict[str, Any] = {
         "id": record.id,
         "client": record.client,
-        "kind": record.request.kind.value,
+        "kind": record.kind,
         "status": "cancelled" if record.cancel_requested else record.status.value,
         "pauseRequested": record.pause_requested,
-        "resourcesDone": record.resources_done,
-        "resourcesTotal": record.total_estimate,
-        "pagesRead": record.pages_read,
         "files": len(record.output),
         "failureCount": record.failure_count,
         "restartCount": record.restart_count,
@@ -56,6 +55,28 @@ def job_summary(record: ExportJobRecord) -> dict[str, Any]:
         "createdAt": record.created_at.isoformat(),
         "completedAt": record.completed_at.isoformat() if record.completed_at else None,
     }
+    if isinstance(record, ExportJobRecord):
+        summary |= {
+            "level": record.request.kind.value,
+            "resourcesDone": record.resources_done,
+            "resourcesTotal": record.total_estimate,
+            "pagesRead": record.pages_read,
+        }
+    batches = [b for b in items or [] if isinstance(b, ImportBatchRecord)]
+    if isinstance(record, ImportBatchRecord):
+        batches = [record]
+    if batches:
+        summary |= {
+            "batches": len(batches),
+            "batchesDone": sum(b.status == JobStatus.COMPLETED for b in batches),
+            "resourcesDone": sum(sum(b.counts.values()) for b in batches),
+            "linesRead": sum(b.lines_read for b in batches),
+            "errors": sum(b.errors for b in batches),
+            "failureCount": max(b.failure_count for b in batches),
+            "restartCount": sum(b.restart_count for b in batches),
+            "lastError": next((b.last_error for b in batches if b.last_error), None),
+        }
+    return summary
 
 
 @routes.get("/_admin/health")
@@ -70,11 +91,16 @@ async def list_jobs(request: web.Request) -> web.Response:
         limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
     except ValueError:
         limit = 100
-    records = await request.app[OPERATIONS].list(limit=limit)
-    return web.json_response({"jobs": [job_summary(r) for r in records]})
+    operations = request.app[OPERATIONS]
+    records = await operations.list(limit=limit)
+    jobs = [
+        job_summary(r, await operations.children(r.id) if r.kind == "import" else None)
+        for r in records
+    ]
+    return web.json_response({"jobs": jobs})
 
 
-async def _job(request: web.Request) -> ExportJobRecord:
+async def _job(request: web.Request) -> Job:
     job_id = request.match_info["job_id"]
     record = await request.app[OPERATIONS].get(job_id) if len(job_id) <= 64 else None
     if record is None:
@@ -85,7 +111,9 @@ async def _job(request: web.Request) -> ExportJobRecord:
 @routes.get("/_admin/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
     _require_admin(request)
-    return web.json_response(job_summary(await _job(request)))
+    record = await _job(request)
+    items = await request.app[OPERATIONS].children(record.id) if record.kind == "import" else None
+    return web.json_response(job_summary(record, items))
 
 
 async def _pause(request: web.Request, pause: bool) -> web.Response:

@@ -7,11 +7,20 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from exportsvc.api import admin, export, metadata
-from exportsvc.api.keys import DESTINATIONS, OPERATIONS, RESOURCES, SECRETS, SETTINGS, WORKER
+from exportsvc.api import admin, export, imports, metadata
+from exportsvc.api.keys import (
+    DESTINATIONS,
+    OPERATIONS,
+    RESOURCES,
+    SECRETS,
+    SETTINGS,
+    SOURCES,
+    WORKER,
+)
 from exportsvc.api.outcome import outcome_middleware
 from exportsvc.runtime import open_runtime
 from exportsvc.settings import Settings
+from exportsvc.sources import SourceReader
 from exportsvc.worker import Worker
 
 
@@ -21,6 +30,7 @@ def create_app(settings: Settings, *, with_worker: bool = True) -> web.Applicati
     app.add_routes(export.routes)
     app.add_routes(metadata.routes)
     app.add_routes(admin.routes)
+    app.add_routes(imports.routes)
     app.cleanup_ctx.append(_runtime)
     if with_worker:
         app.cleanup_ctx.append(_worker)
@@ -34,7 +44,11 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         app[SECRETS] = runtime.secrets
         app[DESTINATIONS] = runtime.destinations
         app[WORKER] = runtime.worker()
-        yield
+        app[SOURCES] = SourceReader(runtime.settings, runtime.destinations)
+        try:
+            yield
+        finally:
+            await app[SOURCES].close()
 
 
 async def _worker(app: web.Application) -> AsyncIterator[None]:

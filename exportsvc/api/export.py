@@ -19,11 +19,20 @@ from exportsvc.api.keys import (
     WORKER,
     base_url,
     client_of,
+    container_of,
+    visible_job,
 )
 from exportsvc.api.outcome import outcome_response
 from exportsvc.errors import NotFound
 from exportsvc.params import parameters_body, parse_export_request
-from exportsvc.records import ExportJobRecord, ExportKind, JobStatus, OutputFile, utcnow
+from exportsvc.records import (
+    ExportJobRecord,
+    ExportKind,
+    JobRecord,
+    JobStatus,
+    OutputFile,
+    utcnow,
+)
 from exportsvc.submit import submit_export
 
 NDJSON = "application/fhir+ndjson"
@@ -96,20 +105,15 @@ def _allow(request: web.Request) -> None:
 
 
 async def _visible_job(request: web.Request) -> ExportJobRecord:
-    """The job named in the URL, if it exists for this client (else 404: no leaks)."""
-    job_id = request.match_info["job_id"]
-    record = await request.app[OPERATIONS].get(job_id) if len(job_id) <= 64 else None
-    if record is None or record.client != client_of(request) or not record.visible:
-        raise NotFound(f"no export job {job_id!r}")
-    return record
+    return await visible_job(request, ExportJobRecord)
 
 
-def _expiry(record: ExportJobRecord, request: web.Request) -> datetime:
+def _expiry(record: JobRecord, request: web.Request) -> datetime:
     ttl = request.app[SETTINGS].output_ttl_seconds
     return (record.completed_at or utcnow()) + timedelta(seconds=ttl)
 
 
-def _expires(record: ExportJobRecord, request: web.Request) -> str:
+def _expires(record: JobRecord, request: web.Request) -> str:
     return format_datetime(_expiry(record, request), usegmt=True)
 
 
@@ -198,12 +202,14 @@ async def export_cancel(request: web.Request) -> web.Response:
 
 
 @routes.get("/_output/{job_id}/{name}")
-async def export_file(request: web.Request) -> web.StreamResponse:
-    record = await _visible_job(request)
+async def output_file(request: web.Request) -> web.StreamResponse:
+    """A file of a finished export or import batch (error files), as the destination
+    holds it."""
+    record = await visible_job(request, JobRecord)
     name = request.match_info["name"]
     if record.status != JobStatus.COMPLETED or name not in {f.name for f in record.output}:
         raise NotFound(f"no file {name!r} in export {record.id!r}")
-    dest = request.app[DESTINATIONS].for_job(record.id, record.request.container)
+    dest = request.app[DESTINATIONS].for_job(record.id, container_of(record))
     headers = {"Content-Type": NDJSON, "Expires": _expires(record, request)}
     path = dest.local_path(name)
     gzip = "gzip" in request.headers.get("Accept-Encoding", "").lower()

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from aiohttp import web
 
 from datastore.operations import OperationDataStore
 from datastore.resources import ResourceStore
 from destinations import DestinationFactory
+from exportsvc.errors import NotFound
+from exportsvc.records import ExportJobRecord, JobRecord
 from exportsvc.secrets import SecretStore
 from exportsvc.settings import Settings
+from exportsvc.sources import SourceReader
 from exportsvc.worker import Worker
 
+R = TypeVar("R", bound=JobRecord)
 SETTINGS = web.AppKey("settings", Settings)
 OPERATIONS = web.AppKey("operations", OperationDataStore)
 RESOURCES = web.AppKey("resources", ResourceStore)
 SECRETS = web.AppKey("secrets", SecretStore)
 WORKER = web.AppKey("worker", Worker)
 DESTINATIONS = web.AppKey("destinations", DestinationFactory)
+SOURCES = web.AppKey("sources", SourceReader)
 
 
 def client_of(request: web.Request) -> str:
@@ -29,3 +36,17 @@ def base_url(request: web.Request) -> str:
     if configured:
         return configured.rstrip("/")
     return f"{request.scheme}://{request.host}"
+
+
+async def visible_job(request: web.Request, kind: type[R]) -> R:
+    """The job (or work item) named by ``{job_id}`` in the URL, of ``kind``, if this
+    client may see it: else 404, so no other client's job is ever confirmed to exist."""
+    job_id = request.match_info["job_id"]
+    record = await request.app[OPERATIONS].get(job_id) if len(job_id) <= 64 else None
+    if not isinstance(record, kind) or record.client != client_of(request) or not record.visible:
+        raise NotFound(f"no {kind.__name__.removesuffix('Record')} {job_id!r}")
+    return record
+
+
+def container_of(record: JobRecord) -> str | None:
+    return record.request.container if isinstance(record, ExportJobRecord) else None

@@ -28,11 +28,11 @@ def job(client: str = "c1", types: list[str] | None = None) -> ExportJobRecord:
 
 
 async def test_create_get_and_dedupe(operations: OperationDataStore) -> None:
-    first, created = await operations.create_export(job(), max_active_per_client=5)
+    first, created = await operations.create_job(job(), max_active_per_client=5)
     assert created
-    again, created_again = await operations.create_export(job(), max_active_per_client=5)
+    again, created_again = await operations.create_job(job(), max_active_per_client=5)
     assert (again.id, created_again) == (first.id, False)
-    other_client, created_other = await operations.create_export(job("c2"), max_active_per_client=5)
+    other_client, created_other = await operations.create_job(job("c2"), max_active_per_client=5)
     assert created_other and other_client.id != first.id
     stored = await operations.get(first.id)
     assert stored is not None and stored.status == JobStatus.QUEUED
@@ -40,16 +40,16 @@ async def test_create_get_and_dedupe(operations: OperationDataStore) -> None:
 
 
 async def test_active_job_limit_per_client(operations: OperationDataStore) -> None:
-    await operations.create_export(job(types=["Patient"]), max_active_per_client=2)
-    await operations.create_export(job(types=["Observation"]), max_active_per_client=2)
+    await operations.create_job(job(types=["Patient"]), max_active_per_client=2)
+    await operations.create_job(job(types=["Observation"]), max_active_per_client=2)
     with pytest.raises(TooManyJobs) as info:
-        await operations.create_export(job(types=["Condition"]), max_active_per_client=2)
+        await operations.create_job(job(types=["Condition"]), max_active_per_client=2)
     assert info.value.status == 429 and "Retry-After" in info.value.headers
-    await operations.create_export(job("other", types=["Condition"]), max_active_per_client=2)
+    await operations.create_job(job("other", types=["Condition"]), max_active_per_client=2)
 
 
 async def test_acquire_is_exclusive_and_fenced(operations: OperationDataStore) -> None:
-    record, _ = await operations.create_export(job(), max_active_per_client=5)
+    record, _ = await operations.create_job(job(), max_active_per_client=5)
     now = utcnow()
     got = await asyncio.gather(*(operations.acquire(f"w{i}", 30, now) for i in range(5)))
     winners = [g for g in got if g is not None]
@@ -74,7 +74,7 @@ async def test_acquire_is_exclusive_and_fenced(operations: OperationDataStore) -
 
 
 async def test_cancel_request_survives_a_checkpoint(operations: OperationDataStore) -> None:
-    record, _ = await operations.create_export(job(), max_active_per_client=5)
+    record, _ = await operations.create_job(job(), max_active_per_client=5)
     leased = await operations.acquire("w", 30, utcnow())
     assert leased is not None
     assert await operations.request_cancel(record.id)
@@ -86,12 +86,12 @@ async def test_cancel_request_survives_a_checkpoint(operations: OperationDataSto
     assert stored is not None and stored.cancel_requested and not stored.visible
     assert stored.resources_done == 10
     # A cancelled job no longer counts against the client's limit nor deduplicates.
-    _, created = await operations.create_export(job(), max_active_per_client=1)
+    _, created = await operations.create_job(job(), max_active_per_client=1)
     assert created
 
 
 async def test_retriable_waits_for_retry_after(operations: OperationDataStore) -> None:
-    record, _ = await operations.create_export(job(), max_active_per_client=5)
+    record, _ = await operations.create_job(job(), max_active_per_client=5)
     leased = await operations.acquire("w", 30, utcnow())
     assert leased is not None
     leased.status = JobStatus.RETRIABLE
@@ -106,7 +106,7 @@ async def test_retriable_waits_for_retry_after(operations: OperationDataStore) -
 async def test_cancelled_finished_job_is_acquired_for_cleanup(
     operations: OperationDataStore,
 ) -> None:
-    record, _ = await operations.create_export(job(), max_active_per_client=5)
+    record, _ = await operations.create_job(job(), max_active_per_client=5)
     leased = await operations.acquire("w", 30, utcnow())
     assert leased is not None
     leased.status = JobStatus.COMPLETED
@@ -120,8 +120,8 @@ async def test_cancelled_finished_job_is_acquired_for_cleanup(
 
 
 async def test_list_newest_first(operations: OperationDataStore) -> None:
-    a, _ = await operations.create_export(job("c1", ["Patient"]), max_active_per_client=5)
-    b, _ = await operations.create_export(job("c2", ["Patient"]), max_active_per_client=5)
+    a, _ = await operations.create_job(job("c1", ["Patient"]), max_active_per_client=5)
+    b, _ = await operations.create_job(job("c2", ["Patient"]), max_active_per_client=5)
     assert [r.id for r in await operations.list()] == [b.id, a.id]
     assert [r.id for r in await operations.list(client="c1")] == [a.id]
 
@@ -134,7 +134,7 @@ async def test_secrets_ciphertext_roundtrip(operations: OperationDataStore) -> N
 
 
 async def test_pause_and_resume(operations: OperationDataStore) -> None:
-    queued, _ = await operations.create_export(job(types=["Patient"]), max_active_per_client=5)
+    queued, _ = await operations.create_job(job(types=["Patient"]), max_active_per_client=5)
     assert await operations.request_pause(queued.id, True)
     assert await operations.acquire("w", 30, utcnow()) is None  # paused: never acquired
     assert await operations.request_pause(queued.id, False)
@@ -154,7 +154,7 @@ async def test_pause_and_resume(operations: OperationDataStore) -> None:
 
 
 async def test_pause_refused_for_finished_jobs(operations: OperationDataStore) -> None:
-    record, _ = await operations.create_export(job(), max_active_per_client=5)
+    record, _ = await operations.create_job(job(), max_active_per_client=5)
     leased = await operations.acquire("w", 30, utcnow())
     assert leased is not None
     leased.status = JobStatus.COMPLETED
@@ -164,7 +164,7 @@ async def test_pause_refused_for_finished_jobs(operations: OperationDataStore) -
 
 
 async def test_save_resets_restart_count(operations: OperationDataStore) -> None:
-    record, _ = await operations.create_export(job(), max_active_per_client=5)
+    record, _ = await operations.create_job(job(), max_active_per_client=5)
     now = utcnow()
     await operations.acquire("w1", 30, now)
     crashed = await operations.acquire("w2", 30, now + timedelta(seconds=31))

@@ -1,24 +1,29 @@
 -- name: find_active
 SELECT id FROM jobs
 WHERE client = :client AND fingerprint = :fingerprint AND cancel_requested = 0
-  AND status IN ('queued', 'running', 'retriable', 'paused')
+  AND parent_id IS NULL AND status IN ('queued', 'running', 'retriable', 'paused')
 ORDER BY created_at LIMIT 1;
 
 -- name: count_active
 SELECT count(*) FROM jobs
-WHERE client = :client AND cancel_requested = 0
+WHERE client = :client AND cancel_requested = 0 AND parent_id IS NULL
   AND status IN ('queued', 'running', 'retriable', 'paused');
 
 -- name: insert
-INSERT INTO jobs (id, kind, client, fingerprint, status, lease_version, retry_after,
-                  created_at, record)
-VALUES (:id, :kind, :client, :fingerprint, :status, :lease_version, :retry_after,
-        :created_at, :record);
+INSERT INTO jobs (id, kind, client, fingerprint, parent_id, status, lease_version,
+                  retry_after, created_at, record)
+VALUES (:id, :kind, :client, :fingerprint, :parent_id, :status, :lease_version,
+        :retry_after, :created_at, :record);
 
 -- name: get
 SELECT record, status, lease_owner, lease_version, lease_expires, restart_count,
        cancel_requested, pause_requested
 FROM jobs WHERE id = :id;
+
+-- name: children
+SELECT record, status, lease_owner, lease_version, lease_expires, restart_count,
+       cancel_requested, pause_requested
+FROM jobs WHERE parent_id = :id ORDER BY created_at, id;
 
 -- name: acquire
 UPDATE jobs SET
@@ -29,10 +34,12 @@ UPDATE jobs SET
     lease_expires = :expires
 WHERE id = (
     SELECT id FROM jobs
-    WHERE (status IN ('queued', 'paused') AND pause_requested = 0)
-       OR (status = 'retriable' AND retry_after <= :now AND pause_requested = 0)
-       OR (status = 'running' AND lease_expires < :now)
-       OR (cancel_requested = 1 AND status IN ('queued', 'retriable', 'paused', 'completed', 'failed'))
+    WHERE kind != 'import' AND (
+           (status IN ('queued', 'paused') AND pause_requested = 0)
+        OR (status = 'retriable' AND retry_after <= :now AND pause_requested = 0)
+        OR (status = 'running' AND lease_expires < :now)
+        OR (cancel_requested = 1
+            AND status IN ('queued', 'retriable', 'paused', 'completed', 'failed')))
     ORDER BY created_at LIMIT 1
 )
 RETURNING record, status, lease_owner, lease_version, lease_expires, restart_count,
@@ -53,24 +60,45 @@ UPDATE jobs SET
     record = :record
 WHERE id = :id AND lease_version = :version;
 
+-- name: settle
+UPDATE jobs SET status = CASE
+    WHEN EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_id = :id
+                 AND c.status IN ('queued', 'running', 'retriable', 'paused')) THEN 'running'
+    WHEN NOT EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_id = :id
+                     AND c.status != 'completed') THEN 'completed'
+    WHEN EXISTS (SELECT 1 FROM jobs AS c WHERE c.parent_id = :id
+                 AND c.status = 'cancelled') THEN 'cancelled'
+    ELSE 'failed' END
+WHERE id = :id;
+
 -- name: request_pause
 UPDATE jobs SET pause_requested = :pause
 WHERE id = :id AND cancel_requested = 0
+  AND status IN ('queued', 'running', 'retriable', 'paused');
+
+-- name: request_pause_children
+UPDATE jobs SET pause_requested = :pause
+WHERE parent_id = :id AND cancel_requested = 0
   AND status IN ('queued', 'running', 'retriable', 'paused');
 
 -- name: request_cancel
 UPDATE jobs SET cancel_requested = 1
 WHERE id = :id AND cancel_requested = 0 AND status != 'cancelled';
 
+-- name: request_cancel_children
+UPDATE jobs SET cancel_requested = 1
+WHERE parent_id = :id AND cancel_requested = 0 AND status != 'cancelled';
+
 -- name: list_all
 SELECT record, status, lease_owner, lease_version, lease_expires, restart_count,
        cancel_requested, pause_requested
-FROM jobs ORDER BY created_at DESC LIMIT :limit;
+FROM jobs WHERE parent_id IS NULL ORDER BY created_at DESC LIMIT :limit;
 
 -- name: list_client
 SELECT record, status, lease_owner, lease_version, lease_expires, restart_count,
        cancel_requested, pause_requested
-FROM jobs WHERE client = :client ORDER BY created_at DESC LIMIT :limit;
+FROM jobs WHERE parent_id IS NULL AND client = :client
+ORDER BY created_at DESC LIMIT :limit;
 
 -- name: put_secret
 INSERT OR REPLACE INTO secrets (name, ciphertext) VALUES (:name, :ciphertext);

@@ -6,12 +6,16 @@ SELECT seq, version, deleted, raw FROM resources
 WHERE type = :type AND id = :id AND next_seq IS NULL;
 
 -- name: current_versions
-SELECT id, seq, version, raw FROM resources
+SELECT id, seq, version, raw, import_job, import_pos FROM resources
 WHERE type = :type AND next_seq IS NULL AND id IN (SELECT value FROM json_each(:ids));
 
 -- name: insert_version
-INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?);
+INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq,
+                       import_job, import_pos)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: set_import_pos
+UPDATE resources SET import_job = ?, import_pos = ? WHERE seq = ?;
 
 -- name: supersede_many
 UPDATE resources SET next_seq = ? WHERE seq = ?;

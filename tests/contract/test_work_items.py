@@ -1,0 +1,168 @@
+"""Jobs with work items (imports and their batches), and writes with a checkpoint."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from datastore.operations import OperationDataStore
+from datastore.resources import Origin, ResourceStore, WriteResult
+from exportsvc.errors import LeaseLost
+from exportsvc.records import (
+    ImportBatchRecord,
+    ImportInput,
+    ImportJobRecord,
+    ImportRequest,
+    JobRecord,
+    JobStatus,
+    utcnow,
+)
+
+
+def an_import(batches: int = 3, client: str = "c1") -> tuple[ImportJobRecord, list[Any]]:
+    item = ImportInput(url="file:///data/in.ndjson", size=300, etag="e1")
+    request = ImportRequest(inputs=[item], request_url="http://x/$import")
+    parent = ImportJobRecord(
+        id=uuid.uuid4().hex,
+        client=client,
+        fingerprint=request.fingerprint(),
+        request=request,
+        transaction_time=utcnow(),
+        status=JobStatus.RUNNING,
+        batch_count=batches,
+    )
+    children = [
+        ImportBatchRecord(
+            id=uuid.uuid4().hex,
+            client=client,
+            parent_id=parent.id,
+            input_index=0,
+            input=item,
+            start=n * 100,
+            end=(n + 1) * 100,
+            offset=n * 100,
+        )
+        for n in range(batches)
+    ]
+    return parent, children
+
+
+async def finish(operations: OperationDataStore, status: JobStatus) -> JobRecord:
+    leased = await operations.acquire("w", 30, utcnow())
+    assert leased is not None and leased.kind == "import-batch"
+    leased.status = status
+    leased.lease.owner = None
+    await operations.save(leased)
+    assert leased.parent_id is not None
+    await operations.settle(leased.parent_id)
+    return leased
+
+
+async def test_parent_and_batches_in_one_go(operations: OperationDataStore) -> None:
+    parent, children = an_import()
+    stored, created = await operations.create_job(parent, children, max_active_per_client=5)
+    assert created and isinstance(stored, ImportJobRecord)
+    assert [c.id for c in await operations.children(parent.id)] == [c.id for c in children]
+    again, created = await operations.create_job(*an_import(), max_active_per_client=5)
+    assert not created and again.id == parent.id  # the same request: the same job
+    assert [r.id for r in await operations.list()] == [parent.id]  # jobs, not work items
+
+
+async def test_batches_are_leased_parents_never(operations: OperationDataStore) -> None:
+    parent, children = an_import(batches=2)
+    await operations.create_job(parent, children, max_active_per_client=5)
+    leased = [await operations.acquire(f"w{i}", 30, utcnow()) for i in range(2)]
+    assert {r.id for r in leased if r is not None} == {c.id for c in children}
+    assert await operations.acquire("w", 30, utcnow()) is None
+
+
+async def test_settle_follows_the_batches(operations: OperationDataStore) -> None:
+    parent, children = an_import(batches=2)
+    await operations.create_job(parent, children, max_active_per_client=5)
+    await finish(operations, JobStatus.COMPLETED)
+    assert (await operations.get(parent.id)).status == JobStatus.RUNNING  # type: ignore[union-attr]
+    await finish(operations, JobStatus.COMPLETED)
+    assert (await operations.get(parent.id)).status == JobStatus.COMPLETED  # type: ignore[union-attr]
+
+    failing, items = an_import(batches=2, client="c2")
+    await operations.create_job(failing, items, max_active_per_client=5)
+    await finish(operations, JobStatus.FAILED)
+    await finish(operations, JobStatus.COMPLETED)
+    assert (await operations.get(failing.id)).status == JobStatus.FAILED  # type: ignore[union-attr]
+    # Finished imports stop counting against the client's limit.
+    _, created = await operations.create_job(*an_import(client="c1"), max_active_per_client=1)
+    assert created
+
+
+async def test_cancel_and_pause_reach_every_batch(operations: OperationDataStore) -> None:
+    parent, children = an_import(batches=2)
+    await operations.create_job(parent, children, max_active_per_client=5)
+    assert await operations.request_pause(parent.id, True)
+    assert await operations.acquire("w", 30, utcnow()) is None
+    assert await operations.request_pause(parent.id, False)
+    leased = await operations.acquire("w", 30, utcnow())
+    assert leased is not None
+    assert await operations.request_cancel(parent.id)
+    control = await operations.heartbeat(leased.id, leased.lease.version, 30, utcnow())
+    assert control.cancel_requested
+    for child in await operations.children(parent.id):
+        assert child.cancel_requested and not child.visible
+    other = await operations.acquire("w2", 30, utcnow() + timedelta(seconds=1))
+    assert other is not None and other.cancel_requested  # the queued one, for cleanup
+
+
+def patient(id_: str, family: str) -> dict[str, Any]:
+    return {"resourceType": "Patient", "id": id_, "name": [{"family": family}]}
+
+
+async def test_a_later_line_always_wins(
+    stores: tuple[OperationDataStore, ResourceStore],
+) -> None:
+    _, resources = stores
+    # Lines of one import at positions 10, 20, 30, written in the worst order.
+    await resources.write([patient("a", "X")], origin=Origin("imp", [30]))
+    await resources.write([patient("a", "Y")], origin=Origin("imp", [20]))
+    await resources.write([patient("a", "X")], origin=Origin("imp", [10]))
+    stored = await resources.read("Patient", "a")
+    assert stored is not None and stored["name"][0]["family"] == "X"
+    assert stored["meta"]["versionId"] == "1"
+    # Equal content from a later line moves the mark: an earlier different line loses.
+    await resources.write([patient("b", "X")], origin=Origin("imp", [10]))
+    await resources.write([patient("b", "X")], origin=Origin("imp", [30]))
+    await resources.write([patient("b", "Y")], origin=Origin("imp", [20]))
+    stored = await resources.read("Patient", "b")
+    assert stored is not None and stored["name"][0]["family"] == "X"
+    # Another import is free to change it.
+    await resources.write([patient("b", "Z")], origin=Origin("other", [1]))
+    stored = await resources.read("Patient", "b")
+    assert stored is not None and stored["name"][0]["family"] == "Z"
+
+
+async def test_write_and_checkpoint_share_a_transaction(
+    stores: tuple[OperationDataStore, ResourceStore],
+) -> None:
+    operations, resources = stores
+    parent, children = an_import(batches=1)
+    await operations.create_job(parent, children, max_active_per_client=5)
+    leased = await operations.acquire("w", 30, utcnow())
+    assert isinstance(leased, ImportBatchRecord)
+
+    def checkpoint(result: WriteResult) -> JobRecord:
+        assert isinstance(leased, ImportBatchRecord)
+        leased.created += result.created
+        leased.offset = 150
+        return leased
+
+    await resources.write([patient("a", "X")], checkpoint=checkpoint)
+    stored = await operations.get(leased.id)
+    assert isinstance(stored, ImportBatchRecord) and (stored.created, stored.offset) == (1, 150)
+
+    # Another worker takes the batch over: the stale checkpoint writes nothing at all.
+    taken = await operations.acquire("w2", 30, utcnow() + timedelta(seconds=31))
+    assert taken is not None
+    with pytest.raises(LeaseLost):
+        await resources.write([patient("zombie", "Z")], checkpoint=checkpoint)
+    assert await resources.read("Patient", "zombie") is None
