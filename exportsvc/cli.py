@@ -1,4 +1,4 @@
-"""``exportsvc``: serve | worker | seed | validate | jobs."""
+"""``exportsvc``: serve | worker | seed | validate | import | jobs."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ from aiohttp import web
 from datastore.resources import WriteResult
 from exportsvc import logs
 from exportsvc.api import create_app
-from exportsvc.records import ExportJobRecord
+from exportsvc.import_client import run_import
+from exportsvc.records import ExportJobRecord, ImportBatchRecord, ImportJobRecord
 from exportsvc.runtime import open_runtime
 from exportsvc.settings import Settings
-from exportsvc.validator import validate_export
+from exportsvc.sources import SourceReader
+from exportsvc.validator import validate_export, validate_import
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -83,11 +85,30 @@ async def _seed(args: argparse.Namespace, settings: Settings) -> int:
 async def _validate(args: argparse.Namespace, settings: Settings) -> int:
     async with open_runtime(settings) as runtime:
         record = await runtime.operations.get(args.job_id)
-        if not isinstance(record, ExportJobRecord):
-            print(f"no export job {args.job_id!r}", file=sys.stderr)
+        if isinstance(record, ExportJobRecord):
+            dest = runtime.destinations.for_job(record.id, record.request.container)
+            report = await validate_export(record, runtime.resources, dest)
+        elif isinstance(record, ImportJobRecord):
+            batches = [
+                b
+                for b in await runtime.operations.children(record.id)
+                if isinstance(b, ImportBatchRecord)
+            ]
+            sources = SourceReader(settings, runtime.destinations)
+            try:
+                report = await validate_import(
+                    record,
+                    batches,
+                    runtime.resources,
+                    sources,
+                    lambda b, name: runtime.destinations.for_job(b.id, None).read(name),
+                    max_line_bytes=settings.import_max_line_bytes,
+                )
+            finally:
+                await sources.close()
+        else:
+            print(f"no export or import job {args.job_id!r}", file=sys.stderr)
             return 2
-        dest = runtime.destinations.for_job(record.id, record.request.container)
-        report = await validate_export(record, runtime.resources, dest)
         print(report.render())
         return 0 if report.ok else 1
 
@@ -121,8 +142,17 @@ def parser() -> argparse.ArgumentParser:
     seed.add_argument("--patients", type=int, required=True)
     seed.add_argument("--seed", type=int, default=0)
     seed.add_argument("--if-empty", action="store_true", help="do nothing if data exists")
-    validate = sub.add_parser("validate", help="compare a finished export with the store")
+    validate = sub.add_parser(
+        "validate", help="compare a finished export with the store, or an import's inputs"
+    )
     validate.add_argument("job_id")
+    load = sub.add_parser("import", help="import ndjson files or URLs through the API")
+    load.add_argument("inputs", nargs="+", metavar="FILE_OR_URL")
+    load.add_argument("--server", default="http://127.0.0.1:8080", help="the service's base URL")
+    load.add_argument("--type", help="the resource type of every input (checked per line)")
+    load.add_argument(
+        "--mode", default="IncrementalLoad", choices=["IncrementalLoad", "InitialLoad"]
+    )
     jobs = sub.add_parser("jobs", help="list jobs with status and progress")
     jobs.add_argument("--limit", type=int, default=50)
     return p
@@ -140,6 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_seed(args, settings))
     if args.command == "validate":
         return asyncio.run(_validate(args, settings))
+    if args.command == "import":
+        return asyncio.run(run_import(args.server, args.inputs, type_=args.type, mode=args.mode))
     return asyncio.run(_jobs(args, settings))
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from datastore.resources import Origin, WriteResult
 from exportsvc.errors import ExportSvcError
 from exportsvc.ndjson_input import Line, owned_lines, parse_resource
-from exportsvc.records import ImportBatchRecord, JobRecord, OutputFile
+from exportsvc.records import ImportBatchRecord, JobRecord
 from exportsvc.sources import SourceReader
 from exportsvc.tasks import JobTask, outcome_line
 
@@ -61,7 +61,6 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
 
     async def _load(self, sources: SourceReader) -> None:
         record = self.record
-        errors: OutputFile | None = next((f for f in record.output if f.role == "error"), None)
         lines = owned_lines(
             sources.read_from(record.input.url, _read_from(record)),
             start=record.start,
@@ -75,6 +74,7 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
                 return
             refused = self._take(line)
             if refused is not None:
+                errors = next((f for f in record.output if f.role == "error"), None)
                 if errors is None:
                     errors = self._new_file("OperationOutcome", role="error")
                     await self.dest.start_file(errors)
@@ -108,7 +108,7 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
     async def _error_line(self, line: Line, reason: str, sources: SourceReader) -> bytes:
         record = self.record
         if record.first_line is None:
-            record.first_line = 1 + await _count_newlines(sources, record.input.url, record.start)
+            record.first_line = await _first_line(sources, record.input.url, record.start)
         number = record.first_line + record.lines_read
         url = record.input.url.split("?", 1)[0]
         return outcome_line(
@@ -137,15 +137,19 @@ def _read_from(record: ImportBatchRecord) -> int:
     return record.start - 1 if record.offset == record.start and record.start > 0 else record.offset
 
 
-async def _count_newlines(sources: SourceReader, url: str, limit: int) -> int:
-    """Lines before byte ``limit`` (for line numbers in error reports; read only then)."""
+async def _first_line(sources: SourceReader, url: str, start: int) -> int:
+    """The input line number of the first line a batch starting at ``start`` owns (read
+    only for an error report): one past the newlines before it, one more when the line
+    under ``start`` began earlier and so belongs to the batch before."""
+    if start == 0:
+        return 1
     count = seen = 0
-    if limit == 0:
-        return 0
+    last = b""
     async for chunk in sources.read_from(url, 0):
-        part = chunk[: limit - seen]
+        part = chunk[: start - seen]
         count += part.count(b"\n")
         seen += len(part)
-        if seen >= limit:
+        last = part[-1:] or last
+        if seen >= start:
             break
-    return count
+    return count + (1 if last == b"\n" else 2)

@@ -144,7 +144,12 @@ class JobTask(abc.ABC, Generic[R]):
         record = self.record
         touched = [f for f in record.output if f.name in self._touched]
         committed = {f.name: f for f in await self.dest.commit(touched)}
-        record.output = [committed.get(f.name, f) for f in record.output]
+        for f in record.output:  # in place: tasks may hold these objects
+            if f.name in committed:
+                state = committed[f.name]
+                f.committed_bytes = state.committed_bytes
+                f.committed_blocks = state.committed_blocks
+                f.etag = state.etag
         record.failure_count = 0
         record.retry_after = None
         await shielded(self._persist())

@@ -10,9 +10,11 @@ version, nothing missing, nothing extra, and each manifest count equal to the li
 from __future__ import annotations
 
 import hashlib
+import re
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -20,7 +22,15 @@ from datastore.resources import MAX_TIME, MIN_TIME, ResourceStore, to_micros
 from destinations import ExportDestinationClient
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT, patient_ids
 from exportsvc.fhir.group import member_ids
-from exportsvc.records import ExportJobRecord, ExportKind, JobStatus
+from exportsvc.ndjson_input import owned_lines, parse_resource
+from exportsvc.records import (
+    ExportJobRecord,
+    ExportKind,
+    ImportBatchRecord,
+    ImportJobRecord,
+    JobStatus,
+)
+from exportsvc.sources import SourceReader
 
 MAX_LISTED = 20
 
@@ -178,3 +188,94 @@ def _check_line(
         report.problem(f"{where}: {type_}/{id_} version {version}, expected {want[0]}")
     elif want[1] != _digest(line):
         report.problem(f"{where}: {type_}/{id_} differs from the stored bytes")
+
+
+# -- imports -------------------------------------------------------------------------------
+
+
+def _content(resource: dict[str, Any]) -> dict[str, Any]:
+    """A resource apart from the meta the server assigns."""
+    body = dict(resource)
+    meta = {k: v for k, v in (body.pop("meta", None) or {}).items()}
+    meta.pop("versionId", None)
+    meta.pop("lastUpdated", None)
+    if meta:
+        body["meta"] = meta
+    return body
+
+
+async def validate_import(
+    parent: ImportJobRecord,
+    batches: list[ImportBatchRecord],
+    resources: ResourceStore,
+    sources: SourceReader,
+    read_file: Callable[[ImportBatchRecord, str], AsyncIterator[bytes]],
+    *,
+    max_line_bytes: int,
+) -> ValidationReport:
+    """Re-read every input: each valid line's resource (the last line of an id wins) must
+    be the store's current version, apart from meta; each refused line must be reported
+    exactly once in the error files, and nothing else.
+
+    It compares with the store as it is now, so run it before anything else writes the
+    same resources."""
+    report = ValidationReport(parent.id)
+    if parent.status != JobStatus.COMPLETED:
+        report.problem(f"the import is {parent.status.value}, not completed")
+        return report
+    expected: dict[tuple[str, str], dict[str, Any]] = {}
+    refused: set[tuple[str, int]] = set()
+    for item in parent.request.inputs:
+        url = item.url.split("?", 1)[0]
+        lines = owned_lines(
+            sources.read_from(item.url, 0),
+            start=0,
+            end=item.size,
+            offset=0,
+            max_bytes=max_line_bytes,
+        )
+        number = 0
+        async for line in lines:
+            number += 1
+            if line.data is not None and not line.data.strip():
+                continue
+            parsed = parse_resource(line.data, item.type) if line.data is not None else "long"
+            if isinstance(parsed, str):
+                refused.add((url, number))
+            else:
+                expected[(parsed["resourceType"], parsed["id"])] = _content(parsed)
+    for type_, _id in expected:
+        report.expected[type_] += 1
+    for (type_, id_), content in expected.items():
+        stored = await resources.read(type_, id_)
+        if stored is None:
+            report.problem(f"missing: {type_}/{id_}")
+            continue
+        report.found[type_] += 1
+        if _content(stored) != content:
+            report.problem(f"{type_}/{id_}: the store holds other content than the input")
+    reported: Counter[tuple[str, int]] = Counter()
+    for batch in batches:
+        for f in batch.output:
+            if f.role != "error":
+                continue
+            async for error in _lines(read_file(batch, f.name)):
+                text = str(orjson.loads(error)["issue"][0]["diagnostics"])
+                match = _ERROR.match(text)
+                if match is None:
+                    report.problem(f"an error line that names no input line: {text[:120]}")
+                    continue
+                reported[(match["url"], int(match["line"]))] += 1
+    for key, count in reported.items():
+        if count > 1:
+            report.problem(f"input {key[0]} line {key[1]} reported {count} times")
+        if key not in refused:
+            report.problem(f"input {key[0]} line {key[1]} reported but valid")
+    for key in refused - set(reported):
+        report.problem(f"input {key[0]} line {key[1]} refused but not reported")
+    report.expected["(refused lines)"] = len(refused)
+    report.found["(refused lines)"] = sum(reported.values())
+    return report
+
+
+_ERROR = re.compile(r"^input (?P<url>\S+) line (?P<line>\d+) \(byte offset \d+\): ")

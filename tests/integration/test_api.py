@@ -23,7 +23,7 @@ ASYNC = {"Prefer": "respond-async", "Accept": "application/fhir+json"}
 
 @contextlib.asynccontextmanager
 async def serve(
-    settings: Settings, *, with_worker: bool
+    settings: Settings, *, with_worker: bool, patients: int = 5
 ) -> AsyncIterator[tuple[TestServer, ClientSession]]:
     settings = settings.model_copy(
         update={"max_active_jobs_per_client": 3, "poll_interval_seconds": 0.05}
@@ -31,9 +31,10 @@ async def serve(
     app = create_app(settings, with_worker=with_worker)
 
     async def seed(app: web.Application) -> None:
-        await app[RESOURCES].write(generate(5, seed=3), keep_last_updated=True)
+        await app[RESOURCES].write(generate(patients, seed=3), keep_last_updated=True)
 
-    app.on_startup.append(seed)
+    if patients:
+        app.on_startup.append(seed)
     test_server = TestServer(app, host="127.0.0.1")
     await test_server.start_server()
     try:
