@@ -107,7 +107,7 @@ async def test_round_trip_export_import_export(settings: Settings) -> None:
 
     async with serve(importer(settings, root), with_worker=True, patients=0) as (target, client):
         status_url = await start_import(client, parameters(*(p.as_uri() for p in files)))
-        headers, result = await finished(client, status_url)
+        _, result = await finished(client, status_url)
         assert result["error"] == []
         assert sum(o["count"] for o in result["output"]) == len(originals)
         assert {o["inputUrl"] for o in result["output"]} == {p.as_uri() for p in files}
@@ -190,9 +190,8 @@ async def test_broken_lines_are_reported_exactly(settings: Settings, tmp_path: P
         store = server.app[RESOURCES]
         dup = await store.read("Patient", "dup")
         assert dup is not None and dup["gender"] == "other", "the last line of an id wins"
-        assert [o for o in manifest["output"] if o["type"] == "Patient"][0][
-            "count"
-        ] == 15  # valid lines
+        patients = next(o for o in manifest["output"] if o["type"] == "Patient")
+        assert patients["count"] == 15  # valid lines
         report = await validate(server, status_url)
         assert report.ok, report.render()
 
