@@ -4,6 +4,7 @@ bad requests, cancel, http inputs, retry of failed batches, a crash mid-batch.""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ import orjson
 import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
+from pydantic import SecretStr
 
 from datastore.resources import ResourceStore
 from exportsvc.api.keys import DESTINATIONS, OPERATIONS, RESOURCES, SECRETS
@@ -405,3 +407,37 @@ async def test_crash_between_error_commit_and_checkpoint(
         # per line, none written twice by the resume; every other resource once.
         assert counts.pop(("Patient", "dup")) == 12
         assert set(counts.values()) == {1}
+
+
+async def test_azure_blob_inputs_read_with_the_service_credential(
+    settings: Settings, azurite: Any
+) -> None:
+    """Export to Azurite, then import those blobs by their plain URLs (no SAS): the
+    service reads its own account with its own credential."""
+    azure = {
+        "destination": "azure-blob",
+        "azure_connection_string": SecretStr(azurite.connection_string),
+        "azure_container": f"c{uuid.uuid4().hex[:12]}",
+    }
+    async with serve(settings.model_copy(update=azure), with_worker=True, patients=4) as (
+        _,
+        session,
+    ):
+        async with session.get("/$export?_type=Patient,Condition", headers=ASYNC) as response:
+            status_url = response.headers["Content-Location"]
+        _, manifest = await finished(session, status_url)
+    urls = [f["url"].split("?", 1)[0] for f in manifest["output"]]
+    assert all(u.startswith(azurite.blob_endpoint) for u in urls)
+    target = importer(settings, settings.data_dir, **azure)
+    async with serve(target, with_worker=True, patients=0) as (server, client):
+        import_url = await start_import(client, parameters(*urls))
+        _, result = await finished(client, import_url)
+        assert sum(o["count"] for o in result["output"]) == sum(
+            f["count"] for f in manifest["output"]
+        )
+        report = await validate(server, import_url)
+        assert report.ok, report.render()
+        # A blob of another account (or any other host) is refused.
+        other = urls[0].replace("devstoreaccount1", "someoneelse")
+        async with client.post("/$import", data=parameters(other), headers=PREFER) as response:
+            assert response.status == 400
