@@ -9,6 +9,7 @@ files in ``sql/migrations`` applied in order and tracked in ``PRAGMA user_versio
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import sqlite3
 from collections.abc import Callable
@@ -38,6 +39,12 @@ def migrations() -> list[tuple[int, str]]:
         if entry.name.endswith(".sql"):
             found.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
     return sorted(found)
+
+
+def key_hash(type_: str, id_: str) -> int:
+    """A signed 64-bit hash of ``type/id``: the index key that finds a resource's rows."""
+    digest = hashlib.blake2b(f"{type_}/{id_}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -77,6 +84,7 @@ class SqliteDatabase:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.create_function("key_hash", 2, key_hash, deterministic=True)
         conn.execute("PRAGMA busy_timeout = 30000")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = NORMAL")

@@ -25,7 +25,7 @@ from datastore.resources import (
     WriteResult,
     to_micros,
 )
-from datastore.sqlite.db import SqliteDatabase, queries, transaction
+from datastore.sqlite.db import SqliteDatabase, key_hash, queries, transaction
 from datastore.versioning import new_version
 from exportsvc.errors import LeaseLost
 from exportsvc.records import utcnow
@@ -74,13 +74,14 @@ class SqliteResourceStore(ResourceStore):
 
     async def delete(self, type_: str, id_: str) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:
-            current = conn.execute(Q["current_version"], {"type": type_, "id": id_}).fetchone()
+            params = {"key": key_hash(type_, id_), "type": type_, "id": id_}
+            current = conn.execute(Q["current_version"], params).fetchone()
             if current is None or current[2]:
                 return False
             seq = conn.execute(Q["current_seq"]).fetchone()[0] + 1
             conn.execute(Q["supersede"], {"seq": current[0], "next_seq": seq})
             stamp = to_micros(utcnow(), 0)
-            row = (seq, type_, id_, current[1] + 1, stamp, 1, None, None, None, None)
+            row = (seq, type_, id_, current[1] + 1, stamp, 1, None, None, None, None, params["key"])
             conn.execute(Q["insert_version"], row)
             return True
 
@@ -89,7 +90,8 @@ class SqliteResourceStore(ResourceStore):
     async def read(self, type_: str, id_: str, as_of: int | None = None) -> dict[str, Any] | None:
         def read(conn: sqlite3.Connection) -> dict[str, Any] | None:
             snap = as_of if as_of is not None else conn.execute(Q["current_seq"]).fetchone()[0]
-            row = conn.execute(Q["read_as_of"], {"type": type_, "id": id_, "as_of": snap})
+            params = {"key": key_hash(type_, id_), "type": type_, "id": id_, "as_of": snap}
+            row = conn.execute(Q["read_as_of"], params)
             found = row.fetchone()
             return orjson.loads(found[0]) if found else None
 
@@ -148,13 +150,11 @@ def _write(
     type), insert every new version with explicit sequence numbers in bulk, then save the
     checkpoint (fenced) in the same transaction."""
     current: dict[tuple[str, str], list[Any]] = {}
-    wanted: dict[str, set[str]] = {}
-    for resource in batch:
-        wanted.setdefault(str(resource.get("resourceType")), set()).add(str(resource.get("id")))
-    for type_, ids in wanted.items():
-        params = {"type": type_, "ids": orjson.dumps(sorted(ids)).decode()}
-        for id_, *found in conn.execute(Q["current_versions"], params):
-            current[(type_, id_)] = found  # seq, version, raw, import_job, import_pos
+    keys = [(str(r.get("resourceType")), str(r.get("id"))) for r in batch]
+    hashes = [key_hash(*key) for key in keys]
+    params = {"keys": orjson.dumps(sorted(set(hashes))).decode()}
+    for type_, id_, *found in conn.execute(Q["current_versions"], params):
+        current[(type_, id_)] = found  # seq, version, raw, import_job, import_pos
     seq = first = conn.execute(Q["current_seq"]).fetchone()[0]
     result = WriteResult()
     rows: list[list[Any]] = []
@@ -162,7 +162,7 @@ def _write(
     patients: list[tuple[str, int]] = []
     moved: list[tuple[str, int, int]] = []
     for index, resource in enumerate(batch):
-        key = (str(resource.get("resourceType")), str(resource.get("id")))
+        key = keys[index]
         previous = current.get(key)
         job, pos = (origin.job_id, origin.positions[index]) if origin else (None, None)
         if previous and origin and previous[3] == job and previous[4] > pos:
@@ -191,6 +191,7 @@ def _write(
         result.updated += bool(previous)
         result.created += not previous
         row = [seq, *key, version.version, version.last_updated, 0, version.raw, None, job, pos]
+        row.append(hashes[index])
         rows.append(row)
         patients.extend((p, seq) for p in version.patients)
         current[key] = [seq, version.version, version.raw, job, pos]

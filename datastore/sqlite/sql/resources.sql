@@ -3,16 +3,16 @@ SELECT coalesce(max(seq), 0) FROM resources;
 
 -- name: current_version
 SELECT seq, version, deleted, raw FROM resources
-WHERE type = :type AND id = :id AND next_seq IS NULL;
+WHERE key_hash = :key AND type = :type AND id = :id AND next_seq IS NULL;
 
 -- name: current_versions
-SELECT id, seq, version, raw, import_job, import_pos FROM resources
-WHERE type = :type AND next_seq IS NULL AND id IN (SELECT value FROM json_each(:ids));
+SELECT type, id, seq, version, raw, import_job, import_pos FROM resources
+WHERE key_hash IN (SELECT value FROM json_each(:keys)) AND next_seq IS NULL;
 
 -- name: insert_version
 INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq,
-                       import_job, import_pos)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+                       import_job, import_pos, key_hash)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: set_import_pos
 UPDATE resources SET import_job = ?, import_pos = ? WHERE seq = ?;
@@ -28,7 +28,7 @@ INSERT OR IGNORE INTO resource_patients (patient_id, seq) VALUES (?, ?);
 
 -- name: read_as_of
 SELECT raw FROM resources
-WHERE type = :type AND id = :id AND seq <= :as_of
+WHERE key_hash = :key AND type = :type AND id = :id AND seq <= :as_of
   AND (next_seq IS NULL OR next_seq > :as_of) AND deleted = 0;
 
 -- name: types
