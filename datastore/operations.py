@@ -12,7 +12,8 @@ workers never hold one job.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -31,7 +32,7 @@ class JobControl:
 
 class OperationDataStore(abc.ABC):
     async def open(self) -> None:  # noqa: B027 - optional hook
-        """Connect and create the schema."""
+        """Connect; create the schema, or check it is current (PostgreSQL)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -104,6 +105,16 @@ class OperationDataStore(abc.ABC):
     @abc.abstractmethod
     async def list(self, *, client: str | None = None, limit: int = 100) -> list[Job]:
         """Jobs (not work items), newest first."""
+
+    @contextlib.asynccontextmanager
+    async def listen(self, callback: Callable[[str], object]) -> AsyncIterator[None]:
+        """While the block runs, call ``callback(job_id)`` when work is announced.
+
+        Backends that can push announcements (PostgreSQL LISTEN/NOTIFY) override this;
+        elsewhere workers rely on their poll interval, and a kick-off in the same process
+        wakes its worker directly.
+        """
+        yield
 
     # -- secrets: ciphertext only (``exportsvc.secrets`` encrypts and decrypts) ------------
 

@@ -1,4 +1,4 @@
-"""``exportsvc``: serve | worker | seed | validate | import | jobs."""
+"""``exportsvc``: serve | worker | seed | validate | import | migrate | jobs."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from exportsvc import logs
 from exportsvc.api import create_app
 from exportsvc.import_client import run_import
 from exportsvc.records import ExportJobRecord, ImportBatchRecord, ImportJobRecord
-from exportsvc.runtime import open_runtime
+from exportsvc.runtime import open_runtime, stores
 from exportsvc.settings import Settings
 from exportsvc.sources import SourceReader
 from exportsvc.validator import validate_export, validate_import
@@ -113,6 +113,17 @@ async def _validate(args: argparse.Namespace, settings: Settings) -> int:
         return 0 if report.ok else 1
 
 
+async def _migrate(settings: Settings) -> int:
+    operations, resources = stores(settings, migrate=True)
+    await operations.open()  # PostgreSQL: applies the numbered migrations; SQLite likewise
+    await resources.open()
+    await resources.close()
+    await operations.close()
+    where = "PostgreSQL" if settings.database_url else str(settings.database_path)
+    print(f"the schema of {where} is up to date")
+    return 0
+
+
 async def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     async with open_runtime(settings) as runtime:
         records = await runtime.operations.list(limit=args.limit)
@@ -153,6 +164,7 @@ def parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--mode", default="IncrementalLoad", choices=["IncrementalLoad", "InitialLoad"]
     )
+    sub.add_parser("migrate", help="create or upgrade the database schema")
     jobs = sub.add_parser("jobs", help="list jobs with status and progress")
     jobs.add_argument("--limit", type=int, default=50)
     return p
@@ -170,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_seed(args, settings))
     if args.command == "validate":
         return asyncio.run(_validate(args, settings))
+    if args.command == "migrate":
+        return asyncio.run(_migrate(settings))
     if args.command == "import":
         return asyncio.run(run_import(args.server, args.inputs, type_=args.type, mode=args.mode))
     return asyncio.run(_jobs(args, settings))

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from datastore.operations import OperationDataStore
+from datastore.postgres import PostgresDatabase, PostgresOperationDataStore, PostgresResourceStore
 from datastore.resources import ResourceStore
 from datastore.sqlite import SqliteOperationDataStore, SqliteResourceStore
 from datastore.sqlite.db import SqliteDatabase
@@ -30,12 +31,27 @@ class Runtime:
         )
 
 
+def stores(
+    settings: Settings, *, migrate: bool = False
+) -> tuple[OperationDataStore, ResourceStore]:
+    """Both stores on one database: PostgreSQL when ``EXPORTSVC_DATABASE_URL`` is set
+    (its schema must be current, or ``migrate``), else the embedded SQLite file (which
+    migrates itself)."""
+    if settings.database_url is not None:
+        postgres = PostgresDatabase(
+            settings.database_url.get_secret_value(),
+            max_size=settings.database_pool_size,
+            migrate=migrate,
+        )
+        return PostgresOperationDataStore(postgres), PostgresResourceStore(postgres)
+    database = SqliteDatabase(settings.database_path)
+    return SqliteOperationDataStore(database), SqliteResourceStore(database)
+
+
 @contextlib.asynccontextmanager
 async def open_runtime(settings: Settings) -> AsyncIterator[Runtime]:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    database = SqliteDatabase(settings.database_path)
-    operations = SqliteOperationDataStore(database)
-    resources = SqliteResourceStore(database)
+    operations, resources = stores(settings)
     await operations.open()
     try:
         await resources.open()

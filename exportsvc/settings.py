@@ -17,6 +17,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".exportsvc")
     """SQLite databases, the secret key and (by default) the filesystem destination."""
 
+    database_url: SecretStr | None = None
+    """``postgresql://...``: both stores in PostgreSQL (scale-out); unset: embedded SQLite."""
+    database_pool_size: int = Field(default=10, ge=1)
+
     base_url: str | None = None
     """Public base URL; when unset, URLs are built from each request's Host."""
 

@@ -76,20 +76,25 @@ class Worker:
     async def run(self) -> None:
         log.info("worker.started", extra={"worker": self.name})
         try:
-            while not self._stop.is_set():
-                await self._fill()
-                self._wake.clear()
-                waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
-                waits += [r.task for r in self._running.values()]
-                await asyncio.wait(
-                    waits,
-                    timeout=self.settings.poll_interval_seconds,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                waits[0].cancel()
+            async with self.operations.listen(lambda _job: self._wake.set()):
+                await self._loop()
         finally:
             await self._drain()
             log.info("worker.stopped", extra={"worker": self.name})
+
+    async def _loop(self) -> None:
+        """Fill free slots, then wait for a wake-up, a finished task or the poll timer."""
+        while not self._stop.is_set():
+            await self._fill()
+            self._wake.clear()
+            waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
+            waits += [r.task for r in self._running.values()]
+            await asyncio.wait(
+                waits,
+                timeout=self.settings.poll_interval_seconds,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            waits[0].cancel()
 
     async def _fill(self) -> None:
         while len(self._running) < self.settings.worker_concurrency and not self._stop.is_set():

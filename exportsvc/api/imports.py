@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -157,7 +158,7 @@ async def kickoff(request: web.Request) -> web.Response:
 
 
 def _batches(parent: ImportJobRecord, size: int) -> list[ImportBatchRecord]:
-    batches = []
+    batches: list[ImportBatchRecord] = []
     for index, item in enumerate(parent.request.inputs):
         for start in range(0, max(item.size, 1), size):
             batch_id = uuid.uuid4().hex
@@ -173,7 +174,8 @@ def _batches(parent: ImportJobRecord, size: int) -> list[ImportBatchRecord]:
                     start=start,
                     end=min(start + size, item.size),
                     offset=start,
-                    created_at=parent.created_at,
+                    # Distinct, increasing: batches are listed (and leased) in input order.
+                    created_at=parent.created_at + timedelta(microseconds=len(batches) + 1),
                 )
             )
     return batches

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 from pydantic import SecretStr
 
+from datastore.postgres import PostgresDatabase
 from exportsvc.export_task import ExportJobTask, JobSignals
 from exportsvc.records import ExportJobRecord, ExportKind, ExportRequest, utcnow
 from exportsvc.runtime import Runtime, open_runtime
@@ -71,11 +72,18 @@ class Harness:
         return await validate_export(record, self.runtime.resources, dest)
 
 
-@pytest.fixture(params=["filesystem", "azure-blob"])
+@pytest.fixture(params=["sqlite-filesystem", "sqlite-azure-blob", "postgres-filesystem"])
 async def harness(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Harness]:
-    """The export stack on SQLite, writing to the filesystem or to Azurite."""
+    """The job stack on SQLite or PostgreSQL, writing to the filesystem or to Azurite."""
     update: dict[str, object] = {"page_size": 50, "commit_every_pages": 2}
-    if request.param == "azure-blob":
+    if request.param.startswith("postgres"):
+        cluster = request.getfixturevalue("postgres")
+        dsn = await cluster.acreate_database(f"t_{uuid.uuid4().hex[:20]}")
+        migrated = PostgresDatabase(dsn, migrate=True)  # what `exportsvc migrate` does
+        await migrated.open()
+        await migrated.close()
+        update["database_url"] = SecretStr(dsn)
+    if request.param.endswith("azure-blob"):
         azurite = request.getfixturevalue("azurite")
         update |= {
             "destination": "azure-blob",

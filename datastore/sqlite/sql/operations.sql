@@ -36,7 +36,7 @@ WHERE id = (
     SELECT id FROM jobs
     WHERE kind != 'import' AND (
            (status IN ('queued', 'paused') AND pause_requested = 0)
-        OR (status = 'retriable' AND retry_after <= :now AND pause_requested = 0)
+        OR (status = 'retriable' AND coalesce(retry_after, 0) <= :now AND pause_requested = 0)
         OR (status = 'running' AND lease_expires < :now)
         OR (cancel_requested = 1
             AND status IN ('queued', 'retriable', 'paused', 'completed', 'failed')))

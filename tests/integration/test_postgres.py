@@ -1,0 +1,310 @@
+"""PostgreSQL-only checks: concurrency across connections, snapshots under concurrent
+writers, migrations, LISTEN/NOTIFY, and a server that goes away. The contract suites run
+on PostgreSQL through the conftest fixtures; these need several connections or the
+cluster itself."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from datastore.postgres import (
+    PostgresDatabase,
+    PostgresOperationDataStore,
+    PostgresResourceStore,
+    SchemaError,
+)
+from datastore.resources import ExportQuery
+from exportsvc.errors import StoreError, TooManyJobs
+from exportsvc.records import (
+    ExportJobRecord,
+    ExportKind,
+    ExportRequest,
+    ImportBatchRecord,
+    ImportInput,
+    ImportJobRecord,
+    ImportRequest,
+    JobRecord,
+    JobStatus,
+    utcnow,
+)
+from tests.postgres import PostgresCluster
+
+
+def export_job(client: str = "c1", types: list[str] | None = None) -> ExportJobRecord:
+    request = ExportRequest(kind=ExportKind.SYSTEM, types=types or [], request_url="http://x/")
+    return ExportJobRecord(
+        id=uuid.uuid4().hex,
+        client=client,
+        request=request,
+        fingerprint=request.fingerprint(),
+        transaction_time=utcnow(),
+        snapshot_seq=0,
+    )
+
+
+def import_family(batches: int = 3) -> tuple[ImportJobRecord, list[ImportBatchRecord]]:
+    item = ImportInput(type="Patient", url="http://x/p.ndjson", size=300)
+    request = ImportRequest(inputs=[item], request_url="http://x/$import")
+    parent = ImportJobRecord(
+        id=uuid.uuid4().hex,
+        client="c1",
+        fingerprint=request.fingerprint(),
+        request=request,
+        transaction_time=utcnow(),
+        batch_count=batches,
+    )
+    children = [
+        ImportBatchRecord(
+            id=uuid.uuid4().hex,
+            client="c1",
+            parent_id=parent.id,
+            input_index=0,
+            input=item,
+            start=i * 100,
+            end=(i + 1) * 100,
+            offset=i * 100,
+            created_at=parent.created_at + timedelta(microseconds=i),
+        )
+        for i in range(batches)
+    ]
+    return parent, children
+
+
+def patient(id_: str, family: str = "Doe") -> dict[str, Any]:
+    return {"resourceType": "Patient", "id": id_, "name": [{"family": family}]}
+
+
+@pytest.fixture
+async def dsn(postgres: PostgresCluster) -> str:
+    return await postgres.acreate_database(f"x_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[PostgresDatabase]:
+    database = PostgresDatabase(dsn, min_size=2, max_size=10, migrate=True)
+    await database.open()
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+async def ops(db: PostgresDatabase) -> AsyncIterator[PostgresOperationDataStore]:
+    store = PostgresOperationDataStore(db)
+    await store.open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def res(db: PostgresDatabase) -> AsyncIterator[PostgresResourceStore]:
+    store = PostgresResourceStore(db)
+    await store.open()
+    yield store
+    await store.close()
+
+
+# -- acquisition -------------------------------------------------------------------------
+
+
+async def test_twenty_acquirers_one_winner(ops: PostgresOperationDataStore) -> None:
+    record, _ = await ops.create_job(export_job(), max_active_per_client=5)
+    now = utcnow()
+    got = await asyncio.gather(*(ops.acquire(f"w{i}", 30, now) for i in range(20)))
+    winners = [g for g in got if g is not None]
+    assert len(winners) == 1 and winners[0].id == record.id and winners[0].lease.version == 1
+
+
+async def test_many_jobs_each_acquired_once(ops: PostgresOperationDataStore) -> None:
+    ids = set()
+    for i in range(15):
+        created, _ = await ops.create_job(export_job(f"c{i}"), max_active_per_client=5)
+        ids.add(created.id)
+    now = utcnow()
+    got = await asyncio.gather(*(ops.acquire(f"w{i}", 30, now) for i in range(40)))
+    leased = [g.id for g in got if g is not None]
+    assert sorted(leased) == sorted(ids)  # every job once, none twice
+
+
+async def test_concurrent_kickoffs_dedupe_and_limit(ops: PostgresOperationDataStore) -> None:
+    same = await asyncio.gather(
+        *(ops.create_job(export_job(), max_active_per_client=5) for _ in range(10))
+    )
+    assert sum(created for _, created in same) == 1
+    assert len({r.id for r, _ in same}) == 1
+
+    async def distinct(i: int) -> bool:
+        try:
+            await ops.create_job(export_job("c2", [f"T{i}"]), max_active_per_client=3)
+        except TooManyJobs:
+            return False
+        return True
+
+    results = await asyncio.gather(*(distinct(i) for i in range(10)))
+    assert sum(results) == 3
+
+
+async def test_concurrent_settles_see_every_batch(ops: PostgresOperationDataStore) -> None:
+    parent, children = import_family(batches=10)
+    await ops.create_job(parent, children, max_active_per_client=5)
+    leased = await asyncio.gather(*(ops.acquire(f"w{i}", 30, utcnow()) for i in range(10)))
+
+    async def finish(item: JobRecord | None) -> None:
+        assert item is not None and item.parent_id is not None
+        item.status = JobStatus.COMPLETED
+        await ops.save(item)
+        await ops.settle(item.parent_id)
+
+    await asyncio.gather(*(finish(item) for item in leased))
+    stored = await ops.get(parent.id)
+    assert stored is not None and stored.status == JobStatus.COMPLETED
+
+
+# -- resources: sequence numbers commit in order -------------------------------------------
+
+
+async def test_concurrent_writers_never_expose_a_gap(dsn: str) -> None:
+    """Eight writers on eight connections; a reader checks that every snapshot it takes
+    is complete (seq 1..S all visible) and stays so."""
+    writers = [PostgresResourceStore(dsn, max_size=1, migrate=True) for _ in range(8)]
+    reader = PostgresResourceStore(dsn, max_size=2)
+    for w in writers:
+        await w.open()
+    await reader.open()
+    stop = asyncio.Event()
+    snapshots: list[tuple[int, int]] = []
+
+    async def write(n: int, w: PostgresResourceStore) -> None:
+        for i in range(25):
+            await w.write([patient(f"{n}-{i}-{j}") for j in range(20)])
+
+    async def read() -> None:
+        while not stop.is_set():
+            snap = await reader.current_seq()
+            visible = await reader.count(ExportQuery("Patient", snap))
+            snapshots.append((snap, visible))
+
+    try:
+        reading = asyncio.create_task(read())
+        await asyncio.gather(*(write(n, w) for n, w in enumerate(writers)))
+        stop.set()
+        await reading
+        assert await reader.current_seq() == 8 * 25 * 20
+        assert snapshots and all(snap == visible for snap, visible in snapshots)
+        seqs = [v.seq async for v in reader.scan_versions()]
+        assert seqs == list(range(1, 8 * 25 * 20 + 1))  # dense, nothing lost
+    finally:
+        for w in writers:
+            await w.close()
+        await reader.close()
+
+
+async def test_copy_and_insert_paths_agree(db: PostgresDatabase) -> None:
+    small = PostgresResourceStore(db, copy_threshold=10**9)
+    big = PostgresResourceStore(db, copy_threshold=1)
+    await small.write([patient(f"a{i}") for i in range(50)])
+    await big.write([patient(f"a{i}", "Changed") for i in range(50)])
+    versions = [(v.id, v.version, v.next_seq) async for v in small.scan_versions()]
+    assert versions[:50] == [(f"a{i}", 1, 51 + i) for i in range(50)]
+    assert versions[50:] == [(f"a{i}", 2, None) for i in range(50)]
+
+
+async def test_types_skip_scan(res: PostgresResourceStore) -> None:
+    await res.write([patient("p")])
+    await res.write([{"resourceType": "Observation", "id": "o", "status": "final"}])
+    await res.write([{"resourceType": "Condition", "id": "c"}])
+    assert await res.types(1) == ["Patient"]
+    assert await res.types(3) == ["Condition", "Observation", "Patient"]
+
+
+# -- schema ---------------------------------------------------------------------------------
+
+
+async def test_concurrent_migrations_and_schema_check(postgres: PostgresCluster) -> None:
+    dsn = await postgres.acreate_database(f"m_{uuid.uuid4().hex[:12]}")
+    unmigrated = PostgresDatabase(dsn)
+    with pytest.raises(SchemaError, match="out of date"):
+        await unmigrated.open()
+    racing = [PostgresDatabase(dsn, max_size=2, migrate=True) for _ in range(6)]
+    await asyncio.gather(*(d.open() for d in racing))
+    try:
+        assert await racing[0].migrate() == []  # nothing left to apply
+        await racing[0].check_schema()
+        async with racing[0].connection() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 2
+            await conn.execute("UPDATE schema_migrations SET checksum = 'x' WHERE number = 1")
+        with pytest.raises(SchemaError, match="different file"):
+            await racing[0].check_schema()
+    finally:
+        for d in racing:
+            await d.close()
+
+
+# -- NOTIFY ---------------------------------------------------------------------------------
+
+
+async def wait_for(predicate: Any, seconds: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_listen_hears_kickoff_cancel_pause_and_release(
+    ops: PostgresOperationDataStore,
+) -> None:
+    heard: list[str] = []
+    async with ops.listen(heard.append):
+        assert heard == [""]  # listening: look for work once
+        record, _ = await ops.create_job(export_job(), max_active_per_client=5)
+        await wait_for(lambda: record.id in heard)
+        assert await ops.request_pause(record.id, True)
+        await wait_for(lambda: heard.count(record.id) == 2)
+        assert await ops.request_pause(record.id, False)
+        leased = await ops.acquire("w", 30, utcnow())
+        assert leased is not None
+        assert await ops.request_cancel(record.id)
+        await wait_for(lambda: heard.count(record.id) == 4)
+        leased.status = JobStatus.QUEUED  # a drain releases the job
+        await ops.save(leased)
+        await wait_for(lambda: heard.count(record.id) == 5)
+
+
+async def test_listen_reconnects(ops: PostgresOperationDataStore, dsn: str) -> None:
+    heard: list[str] = []
+    async with ops.listen(heard.append):
+        admin = await asyncpg.connect(dsn)
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE query LIKE 'LISTEN%' AND pid != pg_backend_pid()"
+            )
+            assert killed == 1
+        finally:
+            await admin.close()
+        await wait_for(lambda: heard.count("") == 2)  # back, and told to look for work
+        record, _ = await ops.create_job(export_job(), max_active_per_client=5)
+        await wait_for(lambda: record.id in heard)
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+async def test_server_down_is_a_store_error() -> None:
+    async with PostgresCluster() as cluster:
+        store = PostgresOperationDataStore(
+            PostgresDatabase(cluster.dsn, migrate=True, retry_seconds=0.5)
+        )
+        await store.open()
+        try:
+            await asyncio.to_thread(cluster.stop)
+            with pytest.raises(StoreError):
+                await store.get("x")
+        finally:
+            await store.close()
