@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from datastore.resources import WriteResult
+from datastore.postgres import SchemaError
 from exportsvc import logs
 from exportsvc.api import create_app
 from exportsvc.import_client import run_import
@@ -77,7 +78,7 @@ async def _seed(args: argparse.Namespace, settings: Settings) -> int:
         elapsed = time.perf_counter() - started
         print(
             f"seeded {total} resources for {args.patients} patients in {elapsed:.1f}s "
-            f"({total / elapsed:,.0f} resources/s) into {settings.database_path}"
+            f"({total / elapsed:,.0f} resources/s) into {_where(settings)}"
         )
     return 0
 
@@ -119,8 +120,7 @@ async def _migrate(settings: Settings) -> int:
     await resources.open()
     await resources.close()
     await operations.close()
-    where = "PostgreSQL" if settings.database_url else str(settings.database_path)
-    print(f"the schema of {where} is up to date")
+    print(f"the schema of {_where(settings)} is up to date")
     return 0
 
 
@@ -139,6 +139,11 @@ async def _jobs(args: argparse.Namespace, settings: Settings) -> int:
             f"{r.restart_count:>9}  {r.last_error or ''}"
         )
     return 0
+
+
+def _where(settings: Settings) -> str:
+    """The database, for messages (never the URL: it may carry a password)."""
+    return "PostgreSQL" if settings.database_url else str(settings.database_path)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -174,6 +179,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     settings = Settings()
     logs.configure()
+    try:
+        return _run(args, settings)
+    except SchemaError as exc:
+        print(f"exportsvc: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "serve":
         return _serve(args, settings)
     if args.command == "worker":

@@ -46,6 +46,7 @@ class _Running:
     signals: JobSignals
     record: Job
     heartbeat: asyncio.Task[None] | None = None
+    poke: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -60,9 +61,13 @@ class Worker:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _running: dict[str, _Running] = field(default_factory=dict)
 
-    def wake(self) -> None:
-        """New work may be there (a kick-off in this process)."""
+    def wake(self, job_id: str = "") -> None:
+        """New work may be there, or ``job_id`` changed (a kick-off, cancel or pause, in
+        this process or announced by the database): look now, not at the next poll."""
         self._wake.set()
+        for running in self._running.values():
+            if job_id and job_id in (running.record.id, running.record.parent_id):
+                running.poke.set()  # heartbeat at once: it brings the cancel or pause
 
     def stop(self) -> None:
         """Begin the drain: stop acquiring, let running jobs reach a commit."""
@@ -76,7 +81,7 @@ class Worker:
     async def run(self) -> None:
         log.info("worker.started", extra={"worker": self.name})
         try:
-            async with self.operations.listen(lambda _job: self._wake.set()):
+            async with self.operations.listen(self.wake):
                 await self._loop()
         finally:
             await self._drain()
@@ -116,7 +121,7 @@ class Worker:
                 signals.cancel.set()
             task = asyncio.create_task(self._process(record, signals), name=f"job-{record.id}")
             running = _Running(task, signals, record)
-            running.heartbeat = asyncio.create_task(self._heartbeat(record, signals))
+            running.heartbeat = asyncio.create_task(self._heartbeat(running))
             self._running[record.id] = running
             task.add_done_callback(partial(self._finished, record.id))
 
@@ -126,10 +131,14 @@ class Worker:
             running.heartbeat.cancel()
         self._wake.set()
 
-    async def _heartbeat(self, record: Job, signals: JobSignals) -> None:
+    async def _heartbeat(self, running: _Running) -> None:
+        """Renew the lease every third of it, or at once when poked; deliver controls."""
+        record, signals = running.record, running.signals
         interval = self.settings.lease_seconds / 3
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(running.poke.wait(), interval)
+            running.poke.clear()
             try:
                 control = await self.operations.heartbeat(
                     record.id, record.lease.version, self.settings.lease_seconds, utcnow()

@@ -123,7 +123,7 @@ async def _pause(request: web.Request, pause: bool) -> web.Response:
         return outcome_response(
             409, f"job {record.id} is {record.status.value}: nothing to pause or resume"
         )
-    request.app[WORKER].wake()
+    request.app[WORKER].wake(record.id)
     return web.json_response(job_summary(await _job(request)), status=202)
 
 

@@ -192,7 +192,7 @@ async def export_cancel(request: web.Request) -> web.Response:
     record = await _visible_job(request)
     if not await request.app[OPERATIONS].request_cancel(record.id):
         raise NotFound(f"no export job {record.id!r}")
-    request.app[WORKER].wake()
+    request.app[WORKER].wake(record.id)
     return outcome_response(
         202,
         "the export was cancelled; its files are being deleted",

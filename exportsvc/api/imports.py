@@ -250,7 +250,7 @@ async def cancel(request: web.Request) -> web.Response:
     if parent.status == JobStatus.COMPLETED:
         raise Conflict(f"import {parent.id} has finished; there is nothing to cancel")
     await request.app[OPERATIONS].request_cancel(parent.id)
-    request.app[WORKER].wake()
+    request.app[WORKER].wake(parent.id)
     return outcome_response(
         202, "the import was cancelled", code="informational", severity="information"
     )
