@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from datastore.resources import WriteResult
 from datastore.postgres import SchemaError
+from datastore.resources import WriteResult
 from exportsvc import logs
 from exportsvc.api import create_app
 from exportsvc.import_client import run_import
