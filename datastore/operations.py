@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from exportsvc.records import ExportJobRecord, ImportBatchRecord, ImportJobRecord, JobRecord
+from exportsvc.records import Job, JobRecord
 
-Job = ExportJobRecord | ImportJobRecord | ImportBatchRecord
+__all__ = ["Job", "JobControl", "OperationDataStore"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +81,11 @@ class OperationDataStore(abc.ABC):
         read the record without a lease (an operator's retry) may save it too: the same
         version check refuses it if a worker acquired the job meanwhile.
         """
+
+    @abc.abstractmethod
+    async def add_children(self, parent: JobRecord, children: Sequence[Job]) -> None:
+        """A planning worker's last step: insert the work items and save the parent,
+        fenced by the parent's lease, in one transaction (``LeaseLost``: nothing done)."""
 
     @abc.abstractmethod
     async def settle(self, parent_id: str) -> None:

@@ -135,6 +135,11 @@ class ResourceStore(abc.ABC):
         """The latest non-deleted version as of sequence ``as_of`` (default: now)."""
 
     @abc.abstractmethod
+    async def seq_bounds(self, type_: str, as_of: int) -> tuple[int, int] | None:
+        """The lowest and highest sequence of any version of ``type_`` up to ``as_of``
+        (index look-ups: how a planner splits a large type into ranges)."""
+
+    @abc.abstractmethod
     async def types(self, as_of: int) -> list[str]:
         """The resource types with at least one version at or before ``as_of``."""
 

@@ -88,8 +88,9 @@ class AzureBlobDestination(ExportDestinationClient):
         container: str,
         *,
         block_bytes: int = 4 << 20,
+        scope: str | None = None,
     ) -> None:
-        super().__init__(job_id)
+        super().__init__(job_id, scope)
         if not job_id or "/" in job_id or job_id.startswith("."):
             raise ValueError(f"invalid job id {job_id!r}")
         self.service = service
@@ -231,7 +232,9 @@ class AzureBlobDestination(ExportDestinationClient):
     async def _delete_unlisted(self, keep: set[str]) -> None:
         names = [
             blob.name
-            async for blob in self.container.list_blobs(name_starts_with=self.prefix)
+            async for blob in self.container.list_blobs(
+                name_starts_with=self.prefix + (f"{self.scope}-" if self.scope else "")
+            )
             if blob.name[len(self.prefix) :] not in keep
         ]
         for name in names:

@@ -27,10 +27,18 @@ def file_name(type_: str, sequence: int) -> str:
 
 
 class ExportDestinationClient(abc.ABC):
-    """One job's output. ``job_id`` is the prefix (folder) every file of the job lives in."""
+    """One job's output. ``job_id`` is the prefix (folder) every file of the job lives in.
 
-    def __init__(self, job_id: str) -> None:
+    With a ``scope``, this client owns only the files named ``{scope}-...`` in it: the
+    work items of one export share its folder, and each restores, finalizes and deletes
+    its own files only."""
+
+    def __init__(self, job_id: str, scope: str | None = None) -> None:
         self.job_id = job_id
+        self.scope = scope
+
+    def in_scope(self, name: str) -> bool:
+        return self.scope is None or name.startswith(f"{self.scope}-")
 
     @staticmethod
     def _translate(what: str, exc: Exception) -> ExportSvcError:

@@ -52,11 +52,13 @@ class DestinationFactory:
             return secret
         raise ExportSvcError(f"unknown destination type {s.destination!r}")
 
-    def create(self, job_id: str, secret: Mapping[str, Any]) -> ExportDestinationClient:
+    def create(
+        self, job_id: str, secret: Mapping[str, Any], scope: str | None = None
+    ) -> ExportDestinationClient:
         kind = secret.get("type")
         if kind == FILESYSTEM:
             return FilesystemDestination(
-                job_id, Path(secret["root"]), block_bytes=self.settings.block_bytes
+                job_id, Path(secret["root"]), block_bytes=self.settings.block_bytes, scope=scope
             )
         if kind == AZURE_BLOB:
             return AzureBlobDestination(
@@ -64,6 +66,7 @@ class DestinationFactory:
                 self._service(secret),
                 str(secret["container"]),
                 block_bytes=self.settings.block_bytes,
+                scope=scope,
             )
         raise ExportSvcError(f"unknown destination type {kind!r}")
 

@@ -33,8 +33,10 @@ class _OpenFile:
 
 
 class FilesystemDestination(ExportDestinationClient):
-    def __init__(self, job_id: str, root: Path, *, block_bytes: int = 4 << 20) -> None:
-        super().__init__(job_id)
+    def __init__(
+        self, job_id: str, root: Path, *, block_bytes: int = 4 << 20, scope: str | None = None
+    ) -> None:
+        super().__init__(job_id, scope)
         if not job_id or "/" in job_id or job_id.startswith("."):
             raise ValueError(f"invalid job id {job_id!r}")
         self.root = Path(root)
@@ -42,6 +44,13 @@ class FilesystemDestination(ExportDestinationClient):
         self.block_bytes = block_bytes
         self._files: dict[str, _OpenFile] = {}
         self._lock: int | None = None
+
+    @property
+    def _lock_name(self) -> str:
+        return f"{LOCK_NAME}-{self.scope}" if self.scope else LOCK_NAME
+
+    def _owned(self, entry: Path) -> bool:
+        return not entry.name.startswith(LOCK_NAME) and self.in_scope(entry.name)
 
     def _path(self, name: str) -> Path:
         if not name or "/" in name or "\\" in name or name.startswith("."):
@@ -55,7 +64,7 @@ class FilesystemDestination(ExportDestinationClient):
 
     def _take_lock(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.folder / self._lock_name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -69,7 +78,7 @@ class FilesystemDestination(ExportDestinationClient):
     def _restore_sync(self, files: list[OutputFile]) -> None:
         known = {f.name: f for f in files}
         for entry in self.folder.iterdir():
-            if entry.name != LOCK_NAME and entry.name not in known:
+            if self._owned(entry) and entry.name not in known:
                 entry.unlink()
         for f in files:
             path = self._path(f.name)
@@ -118,15 +127,20 @@ class FilesystemDestination(ExportDestinationClient):
         return committed
 
     async def _finalize(self, files: Sequence[OutputFile]) -> None:
-        keep = {f.name for f in files} | {LOCK_NAME}
+        keep = {f.name for f in files}
         await self._close_all()
         for entry in await asyncio.to_thread(lambda: list(self.folder.iterdir())):
-            if entry.name not in keep:
+            if self._owned(entry) and entry.name not in keep:
                 await asyncio.to_thread(entry.unlink)
 
     async def _delete_all(self) -> None:
         await self._close_all()
-        await asyncio.to_thread(shutil.rmtree, self.folder, True)
+        if self.scope is None:
+            await asyncio.to_thread(shutil.rmtree, self.folder, True)
+            return
+        for entry in await asyncio.to_thread(lambda: list(self.folder.glob("*"))):
+            if self._owned(entry) or entry.name == self._lock_name:
+                await asyncio.to_thread(entry.unlink, True)
 
     async def _close_file(self, name: str) -> None:
         entry = self._files.pop(name, None)

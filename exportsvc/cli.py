@@ -23,6 +23,7 @@ from exportsvc.runtime import open_runtime, stores
 from exportsvc.settings import Settings
 from exportsvc.sources import SourceReader
 from exportsvc.validator import validate_export, validate_import
+from exportsvc.views import JobView
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -88,7 +89,8 @@ async def _validate(args: argparse.Namespace, settings: Settings) -> int:
         record = await runtime.operations.get(args.job_id)
         if isinstance(record, ExportJobRecord):
             dest = runtime.destinations.for_job(record.id, record.request.container)
-            report = await validate_export(record, runtime.resources, dest)
+            view = JobView(record, await runtime.operations.children(record.id))
+            report = await validate_export(view, runtime.resources, dest)
         elif isinstance(record, ImportJobRecord):
             batches = [
                 b
@@ -127,16 +129,15 @@ async def _migrate(settings: Settings) -> int:
 async def _jobs(args: argparse.Namespace, settings: Settings) -> int:
     async with open_runtime(settings) as runtime:
         records = await runtime.operations.list(limit=args.limit)
-    print(f"{'id':<34}{'status':<11}{'progress':>22}{'fails':>6}{'restarts':>9}  last error")
-    for r in records:
-        if isinstance(r, ExportJobRecord):
-            total = "?" if r.total_estimate is None else str(r.total_estimate)
-            progress = f"{r.resources_done}/{total}"
-        else:
-            progress = "import"
+        views = [JobView(r, await runtime.operations.children(r.id)) for r in records]
+    print(f"{'id':<34}{'kind':<8}{'status':<11}{'progress':>22}{'fails':>6}{'restarts':>9}  error")
+    for view in views:
+        r = view.job
+        total = "?" if view.total_estimate is None else str(view.total_estimate)
+        progress = f"{view.resources_done}/{total}"
         print(
-            f"{r.id:<34}{r.status.value:<11}{progress:>22}{r.failure_count:>6}"
-            f"{r.restart_count:>9}  {r.last_error or ''}"
+            f"{r.id:<34}{r.kind:<8}{r.status.value:<11}{progress:>22}{view.failure_count:>6}"
+            f"{view.restart_count:>9}  {view.last_error or ''}"
         )
     return 0
 

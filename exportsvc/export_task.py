@@ -1,130 +1,202 @@
-"""ExportJobTask: runs one leased export job from its last checkpoint (DESIGN.md section 4).
+"""The export tasks (DESIGN.md sections 4 and 8).
 
-The loop: read a page by continuation point, append each resource's stored bytes to the
-current file of its type (rolling at ``max_file_bytes``), and every N pages or T seconds
-commit every touched file and only then persist the checkpoint (``exportsvc.tasks``).
+``ExportPlanTask`` runs once per export: it writes the error file of ignored input, splits
+the export into work items (one per resource type; sequence ranges of
+``EXPORTSVC_EXPORT_ITEM_RESOURCES`` for large types) and hands them to the queue in one
+fenced transaction. ``ExportItemTask`` runs an item from its last checkpoint: read a
+page by continuation point, append each resource's stored bytes to the current file
+(rolling at ``max_file_bytes``), and every N pages or T seconds commit every touched file
+and only then persist the checkpoint (``exportsvc.tasks``). Items share the export's
+folder; each owns the files named after its scope.
 """
 
 from __future__ import annotations
 
+import math
 import time
+import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
-from datastore.resources import ExportQuery, Row
+from datastore.resources import ExportQuery, ResourceStore, Row
 from exportsvc.errors import InvalidRequest
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT
 from exportsvc.fhir.group import member_ids
-from exportsvc.records import ExportJobRecord, ExportKind, OutputFile, TypeProgress, utcnow
+from exportsvc.records import (
+    ExportItemRecord,
+    ExportJobRecord,
+    ExportKind,
+    ExportRequest,
+    JobStatus,
+    OutputFile,
+    utcnow,
+)
 from exportsvc.tasks import JobSignals, JobTask, outcome_line, shielded
 
-__all__ = ["ExportJobTask", "JobSignals", "shielded"]
+__all__ = ["ExportItemTask", "ExportPlanTask", "JobSignals", "export_query", "shielded"]
+ERRORS_SCOPE = "OperationOutcome"
 
 
-class ExportJobTask(JobTask[ExportJobRecord]):
-    _group_members: list[str] | None = None
+async def export_query(
+    resources: ResourceStore, request: ExportRequest, snapshot_seq: int, type_: str
+) -> ExportQuery:
+    """What the export reads of ``type_``: the store as of the snapshot, filtered."""
+    compartment = request.kind != ExportKind.SYSTEM
+    patients: list[str] | None = request.patients or None
+    if request.kind == ExportKind.GROUP:
+        group = await resources.read("Group", request.group_id or "", snapshot_seq)
+        if group is None:
+            raise InvalidRequest(f"Group/{request.group_id} does not exist")
+        members = member_ids(group)
+        patients = [m for m in members if not request.patients or m in set(request.patients)]
+    return ExportQuery(
+        type=type_,
+        snapshot_seq=snapshot_seq,
+        since=request.since,
+        until=request.until,
+        compartment=compartment,
+        patients=patients if compartment else None,
+    )
 
+
+class ExportPlanTask(JobTask[ExportJobRecord]):
     @property
     def container(self) -> str | None:
         return self.record.request.container
+
+    @property
+    def scope(self) -> str | None:
+        return ERRORS_SCOPE
+
+    @property
+    def cleanup_scope(self) -> str | None:
+        return None  # a cancelled export loses its whole folder, every item's files too
+
+    def _progress(self) -> dict[str, Any]:
+        return {"items": self.record.item_count}
+
+    async def _run(self) -> None:
+        record = self.record
+        request = record.request
+        if request.ignored and not record.output:
+            errors = self._new_file(ERRORS_SCOPE, role="error")
+            await self.dest.start_file(errors)
+            lines = b"".join(outcome_line(m) for m in request.ignored)
+            await self._write(errors, lines, len(request.ignored))
+        items = await self._plan()
+        touched = [f for f in record.output if f.name in self._touched]
+        committed = {f.name: f for f in await self.dest.commit(touched)}
+        record.output = [committed.get(f.name, f) for f in record.output]
+        secret = self.destinations.secret_for(request.container)
+        for item in items:
+            await self.secrets.put(item.secret_name or "", secret)
+        record.planned = True
+        record.item_count = len(items)
+        record.total_estimate = sum(i.total_estimate for i in items)
+        record.started_at = utcnow()
+        record.status = JobStatus.RUNNING  # no lease: it follows its items from now on
+        record.lease.owner = None
+        record.lease.expires_at = None
+        await shielded(self.operations.add_children(record, items))
+        await self._forget_secret()
+        await self.operations.settle(record.id)  # an export of nothing is complete
+
+    async def _plan(self) -> list[ExportItemRecord]:
+        record, request = self.record, self.record.request
+        types = request.types or await self.resources.types(record.snapshot_seq)
+        if request.kind != ExportKind.SYSTEM:
+            types = [t for t in types if t in PATIENT_COMPARTMENT]
+        items: list[ExportItemRecord] = []
+        for type_ in types:
+            bounds = await self.resources.seq_bounds(type_, record.snapshot_seq)
+            if bounds is None:
+                continue
+            query = await export_query(self.resources, request, record.snapshot_seq, type_)
+            count = await self.resources.count(query)
+            if count == 0:
+                continue
+            parts = math.ceil(count / self.settings.export_item_resources)
+            low, high = bounds[0] - 1, bounds[1]
+            step = math.ceil((high - low) / parts)
+            for part in range(parts):
+                after, last = low + part * step, min(low + (part + 1) * step, high)
+                items.append(self._item(type_, part if parts > 1 else None, after, last))
+                items[-1].total_estimate = count // parts + (part < count % parts)
+        for n, item in enumerate(items):  # distinct, increasing: leased in plan order
+            item.created_at = record.created_at + timedelta(microseconds=n + 1)
+        return items
+
+    def _item(self, type_: str, part: int | None, after: int, last: int) -> ExportItemRecord:
+        record = self.record
+        item_id = uuid.uuid4().hex
+        return ExportItemRecord(
+            id=item_id,
+            client=record.client,
+            parent_id=record.id,
+            secret_name=f"export-{item_id}",
+            request=record.request,
+            transaction_time=record.transaction_time,
+            snapshot_seq=record.snapshot_seq,
+            type=type_,
+            scope=type_ if part is None else f"{type_}.{part:03d}",
+            seq_after=after,
+            seq_max=last,
+            after_seq=after,
+        )
+
+
+class ExportItemTask(JobTask[ExportItemRecord]):
+    @property
+    def container(self) -> str | None:
+        return self.record.request.container
+
+    @property
+    def folder(self) -> str:
+        return self.record.parent_id or self.record.id
+
+    @property
+    def scope(self) -> str | None:
+        return self.record.scope
 
     def _progress(self) -> dict[str, Any]:
         return {"pages_read": self.record.pages_read, "resources": self.record.resources_done}
 
     async def _run(self) -> None:
-        if not self.record.progress:
-            await self._prepare()
-        await self._export()
-
-    # -- preparation ------------------------------------------------------------------
-
-    async def _members(self) -> list[str] | None:
-        request = self.record.request
-        if request.kind != ExportKind.GROUP:
-            return request.patients or None
-        if self._group_members is None:
-            group = await self.resources.read(
-                "Group", request.group_id or "", self.record.snapshot_seq
-            )
-            if group is None:
-                raise InvalidRequest(f"Group/{request.group_id} does not exist")
-            members = member_ids(group)
-            if request.patients:
-                members = [m for m in members if m in set(request.patients)]
-            self._group_members = members
-        return self._group_members
-
-    async def _query(self, type_: str) -> ExportQuery:
-        request = self.record.request
-        compartment = request.kind != ExportKind.SYSTEM
-        return ExportQuery(
-            type=type_,
-            snapshot_seq=self.record.snapshot_seq,
-            since=request.since,
-            until=request.until,
-            compartment=compartment,
-            patients=await self._members() if compartment else None,
-        )
-
-    async def _prepare(self) -> None:
-        """First run: fix the list of types, estimate the total, report ignored input."""
         record = self.record
-        request = record.request
-        types = request.types or await self.resources.types(record.snapshot_seq)
-        if request.kind != ExportKind.SYSTEM:
-            types = [t for t in types if t in PATIENT_COMPARTMENT]
-        record.progress = [TypeProgress(type=t) for t in types]
-        total = 0
-        for t in types:
-            total += await self.resources.count(await self._query(t))
-        record.total_estimate = total
-        record.started_at = utcnow()
-        if request.ignored:
-            errors = self._new_file("OperationOutcome", role="error")
-            await self.dest.start_file(errors)
-            lines = b"".join(outcome_line(m) for m in request.ignored)
-            await self._write(errors, lines, len(request.ignored))
-        await self._checkpoint()
-
-    # -- the loop ---------------------------------------------------------------------
-
-    async def _export(self) -> None:
-        record = self.record
+        if record.started_at is None:
+            record.started_at = utcnow()
+        query = await export_query(self.resources, record.request, record.snapshot_seq, record.type)
         pages_since_commit, last_commit = 0, time.monotonic()
-        for progress in record.progress:
-            query = await self._query(progress.type) if not progress.done else None
-            while query is not None and not progress.done:
-                if await self._stop_requested():
-                    return
-                page = await self.resources.page(query, progress.after_seq, self.settings.page_size)
-                await self._append(progress.type, page.rows)
-                progress.after_seq = page.next_after
-                progress.count += len(page.rows)
-                progress.done = page.last
-                record.resources_done += len(page.rows)
-                record.pages_read += 1
-                pages_since_commit += 1
-                if (
-                    pages_since_commit >= self.settings.commit_every_pages
-                    or time.monotonic() - last_commit >= self.settings.commit_interval_seconds
-                ):
-                    await self._checkpoint()
-                    pages_since_commit, last_commit = 0, time.monotonic()
+        while not record.done:
+            if await self._stop_requested():
+                return
+            page = await self.resources.page(query, record.after_seq, self.settings.page_size)
+            rows = [row for row in page.rows if row.seq <= record.seq_max]
+            await self._append(rows)
+            record.after_seq = rows[-1].seq if rows else record.after_seq
+            record.done = page.last or len(rows) < len(page.rows)
+            record.resources_done += len(rows)
+            record.pages_read += 1
+            pages_since_commit += 1
+            if (
+                pages_since_commit >= self.settings.commit_every_pages
+                or time.monotonic() - last_commit >= self.settings.commit_interval_seconds
+            ):
+                await self._checkpoint()
+                pages_since_commit, last_commit = 0, time.monotonic()
         if await self._stop_requested():
             return
         await self._checkpoint()
         await self._complete()
 
-    def _current_file(self, type_: str) -> OutputFile | None:
-        for f in reversed(self.record.output):
-            if f.type == type_ and f.role == "output":
-                return f
-        return None
+    def _current_file(self) -> OutputFile | None:
+        return self.record.output[-1] if self.record.output else None
 
-    async def _append(self, type_: str, rows: Sequence[Row]) -> None:
+    async def _append(self, rows: Sequence[Row]) -> None:
         """Append rows as ndjson, rolling to a new file at ``max_file_bytes``."""
         limit = self.settings.max_file_bytes
-        current = self._current_file(type_)
+        current = self._current_file()
         chunk: list[bytes] = []
         pending = 0
         for row in rows:
@@ -134,7 +206,7 @@ class ExportJobTask(JobTask[ExportJobRecord]):
                 if current is not None and chunk:
                     await self._flush(current, chunk)
                     chunk, pending = [], 0
-                current = self._new_file(type_)
+                current = self._new_file(self.record.type)
                 await self.dest.start_file(current)
             chunk.append(row.raw)
             pending += size

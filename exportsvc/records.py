@@ -92,15 +92,6 @@ class OutputFile(BaseModel):
     etag: str | None = None
 
 
-class TypeProgress(BaseModel):
-    """Where the scan of one resource type stands: its continuation point."""
-
-    type: str
-    after_seq: int = 0
-    done: bool = False
-    count: int = 0
-
-
 class JobRecord(BaseModel):
     """What every job and work item has: identity, status, lease, failures, files."""
 
@@ -134,14 +125,36 @@ class JobRecord(BaseModel):
 
 
 class ExportJobRecord(JobRecord):
+    """An export. A worker first plans it: splits it into work items (one per resource
+    type, and sequence ranges of large types) that any worker may run; the export's
+    status then follows its items. Its own output is the error file of ignored input."""
+
     kind: Literal["export"] = "export"
     request: ExportRequest
     transaction_time: datetime
     snapshot_seq: int
     """The store sequence at kick-off: the export is the store as of this point."""
-
-    progress: list[TypeProgress] = Field(default_factory=list)
+    planned: bool = False
+    item_count: int = 0
     total_estimate: int | None = None
+
+
+class ExportItemRecord(JobRecord):
+    """The resources of one type with ``seq_after < seq <= seq_max``, and where it stands."""
+
+    kind: Literal["export-item"] = "export-item"
+    request: ExportRequest
+    transaction_time: datetime
+    snapshot_seq: int
+    type: str
+    scope: str
+    """File names of the item start with ``{scope}-``: the type, or type.part."""
+    seq_after: int
+    seq_max: int
+    after_seq: int
+    """The continuation point: the last sequence read."""
+    done: bool = False
+    total_estimate: int = 0
     resources_done: int = 0
     pages_read: int = 0
 
@@ -199,13 +212,9 @@ class ImportBatchRecord(JobRecord):
     errors: int = 0
 
 
-AnyJob = Annotated[
-    ExportJobRecord | ImportJobRecord | ImportBatchRecord, Field(discriminator="kind")
-]
-JOB_ADAPTER: TypeAdapter[ExportJobRecord | ImportJobRecord | ImportBatchRecord] = TypeAdapter(
-    AnyJob
-)
+Job = ExportJobRecord | ExportItemRecord | ImportJobRecord | ImportBatchRecord
+JOB_ADAPTER: TypeAdapter[Job] = TypeAdapter(Annotated[Job, Field(discriminator="kind")])
 
 
-def load_record(data: str | bytes) -> ExportJobRecord | ImportJobRecord | ImportBatchRecord:
+def load_record(data: str | bytes) -> Job:
     return JOB_ADAPTER.validate_json(data)

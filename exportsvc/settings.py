@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     commit_every_pages: int = Field(default=25, ge=1)
     commit_interval_seconds: float = Field(default=5.0, gt=0)
 
+    export_item_resources: int = Field(default=250_000, ge=1)
+    """An export is split into work items of about this many resources per type."""
+
     # jobs and leases
     worker_concurrency: int = Field(default=2, ge=1)
     lease_seconds: float = Field(default=30.0, gt=0)

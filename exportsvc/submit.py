@@ -76,13 +76,16 @@ async def retry_failed(
         raise NotFound(f"no job {job_id!r}")
     if record.status != JobStatus.FAILED:
         raise Conflict(f"job {job_id} is {record.status.value}; only a failed job can be retried")
-    if isinstance(record, ImportJobRecord):
-        for batch in await operations.children(record.id):
-            if batch.status == JobStatus.FAILED:
-                await _requeue(batch, operations, secrets, destinations, None)
+    container = record.request.container if isinstance(record, ExportJobRecord) else None
+    if isinstance(record, ImportJobRecord) or (
+        isinstance(record, ExportJobRecord) and record.planned
+    ):
+        for item in await operations.children(record.id):
+            if item.status == JobStatus.FAILED:
+                await _requeue(item, operations, secrets, destinations, container)
         await operations.settle(record.id)
-    elif isinstance(record, ExportJobRecord):
-        await _requeue(record, operations, secrets, destinations, record.request.container)
+    else:  # an export that failed while planning
+        await _requeue(record, operations, secrets, destinations, container)
     stored = await operations.get(job_id)
     assert stored is not None
     return stored

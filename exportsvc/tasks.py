@@ -88,6 +88,21 @@ class JobTask(abc.ABC, Generic[R]):
     def container(self) -> str | None:
         """The ``_container`` of the job (where the service's destination puts it)."""
 
+    @property
+    def folder(self) -> str:
+        """The destination folder (prefix) of the task's files."""
+        return self.record.id
+
+    @property
+    def scope(self) -> str | None:
+        """With a scope the task owns only the files ``{scope}-...`` of its folder."""
+        return None
+
+    @property
+    def cleanup_scope(self) -> str | None:
+        """What a cancel deletes: the task's own files (a job: its whole folder)."""
+        return self.scope
+
     @abc.abstractmethod
     async def _run(self) -> None:
         """The work, from the last checkpoint: ends by ``_complete`` or a stop."""
@@ -102,7 +117,7 @@ class JobTask(abc.ABC, Generic[R]):
             await self._cancel()
             return
         secret = await self.secrets.get(record.secret_name or "")
-        self._dest = self.destinations.create(record.id, secret)
+        self._dest = self.destinations.create(self.folder, secret, self.scope)
         try:
             await self.dest.connect()
             await self.dest.restore(record.output)
@@ -119,7 +134,8 @@ class JobTask(abc.ABC, Generic[R]):
     def _new_file(self, type_: str, role: FileRole = "output") -> OutputFile:
         output = self.record.output
         sequence = 1 + sum(1 for f in output if f.type == type_ and f.role == role)
-        new = OutputFile(type=type_, sequence=sequence, name=file_name(type_, sequence), role=role)
+        name = file_name(self.scope or type_, sequence)
+        new = OutputFile(type=type_, sequence=sequence, name=name, role=role)
         output.append(new)
         self._sizes[new.name] = 0
         self._touched.add(new.name)
@@ -209,7 +225,7 @@ class JobTask(abc.ABC, Generic[R]):
                 secret = await self.secrets.get(record.secret_name or "")
             except SecretNotFound:  # the job had ended: the service's own destination
                 secret = self.destinations.secret_for(self.container)
-            dest = self.destinations.create(record.id, secret)
+            dest = self.destinations.create(self.folder, secret, self.cleanup_scope)
         await dest.delete_all()
         await dest.close()
         record.completed_at = utcnow()

@@ -31,6 +31,7 @@ from exportsvc.records import (
     JobStatus,
 )
 from exportsvc.sources import SourceReader
+from exportsvc.views import JobView
 
 MAX_LISTED = 20
 
@@ -129,8 +130,10 @@ async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 
 async def validate_export(
-    record: ExportJobRecord, resources: ResourceStore, dest: ExportDestinationClient
+    view: JobView, resources: ResourceStore, dest: ExportDestinationClient
 ) -> ValidationReport:
+    record = view.job
+    assert isinstance(record, ExportJobRecord)
     report = ValidationReport(record.id)
     if record.status != JobStatus.COMPLETED:
         report.problem(f"the job is {record.status.value}, not completed")
@@ -139,7 +142,7 @@ async def validate_export(
     for type_, _id in expected:
         report.expected[type_] += 1
     seen: set[tuple[str, str]] = set()
-    for f in record.output:
+    for f in view.files:
         if f.role != "output":
             continue
         lines = 0

@@ -23,9 +23,16 @@ from datastore.operations import Job, OperationDataStore
 from datastore.resources import ResourceStore
 from destinations import DestinationFactory
 from exportsvc.errors import ExportSvcError, LeaseLost
-from exportsvc.export_task import ExportJobTask
+from exportsvc.export_task import ExportItemTask, ExportPlanTask
 from exportsvc.import_task import ImportBatchTask
-from exportsvc.records import ExportJobRecord, ImportBatchRecord, JobRecord, JobStatus, utcnow
+from exportsvc.records import (
+    ExportItemRecord,
+    ExportJobRecord,
+    ImportBatchRecord,
+    JobRecord,
+    JobStatus,
+    utcnow,
+)
 from exportsvc.secrets import SecretStore
 from exportsvc.settings import Settings
 from exportsvc.tasks import JobSignals, JobTask, shielded
@@ -176,7 +183,9 @@ class Worker:
         }
         task: JobTask[Any]
         if isinstance(record, ExportJobRecord):
-            task = ExportJobTask(record, **facilities)
+            task = ExportPlanTask(record, **facilities)
+        elif isinstance(record, ExportItemRecord):
+            task = ExportItemTask(record, **facilities)
         elif isinstance(record, ImportBatchRecord):
             task = ImportBatchTask(record, **facilities)
         else:

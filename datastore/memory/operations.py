@@ -59,7 +59,9 @@ class MemoryOperationDataStore(OperationDataStore):
     def _runnable(self, job: Job, now: datetime) -> bool:
         if job.kind == "import":
             return False
-        if job.cancel_requested and job.status in _CLEANABLE:
+        if job.cancel_requested and (
+            job.status in _CLEANABLE or (job.status == JobStatus.RUNNING and not job.lease.owner)
+        ):
             return True
         if job.status == JobStatus.RUNNING:
             return job.lease.expires_at is not None and job.lease.expires_at < now
@@ -74,7 +76,7 @@ class MemoryOperationDataStore(OperationDataStore):
         if not candidates:
             return None
         job = min(candidates, key=lambda j: j.created_at)
-        if job.status == JobStatus.RUNNING:
+        if job.status == JobStatus.RUNNING and job.lease.owner:
             job.restart_count += 1
         job.status = JobStatus.RUNNING
         job.lease.owner = owner
@@ -102,6 +104,11 @@ class MemoryOperationDataStore(OperationDataStore):
         saved.cancel_requested = job.cancel_requested
         saved.pause_requested = job.pause_requested
         self._jobs[record.id] = saved
+
+    async def add_children(self, parent: JobRecord, children: Sequence[Job]) -> None:
+        self.save_now(parent)  # fenced first: raises LeaseLost before anything is added
+        for child in children:
+            self._jobs[child.id] = self._copy(child)
 
     async def settle(self, parent_id: str) -> None:
         parent = self._jobs[parent_id]

@@ -132,6 +132,10 @@ class MemoryResourceStore(ResourceStore):
                 return dict(orjson.loads(v.raw))
         return None
 
+    async def seq_bounds(self, type_: str, as_of: int) -> tuple[int, int] | None:
+        seqs = [v.seq for v in self._versions[:as_of] if v.type == type_]
+        return (min(seqs), max(seqs)) if seqs else None
+
     async def types(self, as_of: int) -> list[str]:
         return sorted({v.type for v in self._versions[:as_of]})
 

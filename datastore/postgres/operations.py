@@ -128,6 +128,13 @@ class PostgresOperationDataStore(OperationDataStore):
             if record.status == JobStatus.QUEUED:  # released (drain, retry): take it up
                 await conn.execute(Q["notify"], record.id)
 
+    async def add_children(self, parent: JobRecord, children: Sequence[Job]) -> None:
+        async with self.db.transaction() as conn:
+            await conn.executemany(Q["insert"], [_insert_args(r) for r in children])
+            if await conn.fetchval(Q["save"], *save_args(parent)) is None:
+                raise LeaseLost()  # rolls the inserts back
+            await conn.execute(Q["notify"], parent.id)
+
     async def settle(self, parent_id: str) -> None:
         async with self.db.transaction() as conn:
             await conn.execute(Q["lock_job"], parent_id)

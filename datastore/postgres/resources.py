@@ -208,6 +208,11 @@ class PostgresResourceStore(ResourceStore):
         found: dict[str, Any] = orjson.loads(raw)
         return found
 
+    async def seq_bounds(self, type_: str, as_of: int) -> tuple[int, int] | None:
+        async with self.db.connection() as conn:
+            row = await conn.fetchrow(Q["seq_bounds"], type_, as_of)
+        return (int(row[0]), int(row[1])) if row and row[0] is not None else None
+
     async def types(self, as_of: int) -> list[str]:
         async with self.db.connection() as conn:
             return [str(r[0]) for r in await conn.fetch(Q["types"], as_of)]

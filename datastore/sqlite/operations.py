@@ -90,6 +90,17 @@ class SqliteOperationDataStore(OperationDataStore):
         if count != 1:
             raise LeaseLost()
 
+    async def add_children(self, parent: JobRecord, children: Sequence[Job]) -> None:
+        inserts = [insert_params(r) for r in children]
+        params = save_params(parent)
+
+        def add(conn: sqlite3.Connection) -> None:
+            conn.executemany(Q["insert"], inserts)
+            if conn.execute(Q["save"], params).rowcount != 1:
+                raise LeaseLost()  # rolls the inserts back
+
+        await self.db.run(lambda c: transaction(c, add))
+
     async def settle(self, parent_id: str) -> None:
         await self.db.run(lambda c: c.execute(Q["settle"], {"id": parent_id}))
 

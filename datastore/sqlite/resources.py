@@ -97,6 +97,11 @@ class SqliteResourceStore(ResourceStore):
 
         return await self.db.run(read)
 
+    async def seq_bounds(self, type_: str, as_of: int) -> tuple[int, int] | None:
+        params = {"type": type_, "as_of": as_of}
+        row = await self.db.run(lambda c: c.execute(Q["seq_bounds"], params).fetchone())
+        return (int(row[0]), int(row[1])) if row and row[0] is not None else None
+
     async def types(self, as_of: int) -> list[str]:
         return await self.db.run(lambda c: [r[0] for r in c.execute(Q["types"], {"as_of": as_of})])
 

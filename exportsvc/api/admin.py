@@ -18,8 +18,8 @@ from datastore.operations import Job
 from exportsvc.api.keys import DESTINATIONS, OPERATIONS, SECRETS, SETTINGS, WORKER
 from exportsvc.api.outcome import outcome_response
 from exportsvc.errors import Forbidden, NotFound
-from exportsvc.records import ExportJobRecord, ImportBatchRecord, JobStatus
 from exportsvc.submit import retry_failed
+from exportsvc.views import JobView
 
 routes = web.RouteTableDef()
 
@@ -39,44 +39,35 @@ def _require_admin(request: web.Request) -> None:
         raise Forbidden("the admin endpoints answer loopback clients only (no admin token set)")
 
 
-def job_summary(record: Job, items: list[Job] | None = None) -> dict[str, Any]:
-    """One job for operators; an import's progress is the sum of its batches (``items``)."""
-    summary: dict[str, Any] = {
+def job_summary(view: JobView) -> dict[str, Any]:
+    """One job for operators, its work items summed up."""
+    record = view.job
+    return {
         "id": record.id,
         "client": record.client,
         "kind": record.kind,
         "status": "cancelled" if record.cancel_requested else record.status.value,
         "pauseRequested": record.pause_requested,
-        "files": len(record.output),
-        "failureCount": record.failure_count,
-        "restartCount": record.restart_count,
-        "lastError": record.last_error,
+        "items": len(view.items),
+        "itemsDone": view.items_done,
+        "resourcesDone": view.resources_done,
+        "resourcesTotal": view.total_estimate,
+        "pagesRead": view.pages_read,
+        "linesRead": sum(b.lines_read for b in view.batches),
+        "errors": sum(b.errors for b in view.batches),
+        "files": len(view.files),
+        "failureCount": view.failure_count,
+        "restartCount": view.restart_count,
+        "lastError": view.last_error,
         "leaseOwner": record.lease.owner,
         "createdAt": record.created_at.isoformat(),
-        "completedAt": record.completed_at.isoformat() if record.completed_at else None,
+        "completedAt": view.completed_at.isoformat() if view.completed_at else None,
     }
-    if isinstance(record, ExportJobRecord):
-        summary |= {
-            "level": record.request.kind.value,
-            "resourcesDone": record.resources_done,
-            "resourcesTotal": record.total_estimate,
-            "pagesRead": record.pages_read,
-        }
-    batches = [b for b in items or [] if isinstance(b, ImportBatchRecord)]
-    if isinstance(record, ImportBatchRecord):
-        batches = [record]
-    if batches:
-        summary |= {
-            "batches": len(batches),
-            "batchesDone": sum(b.status == JobStatus.COMPLETED for b in batches),
-            "resourcesDone": sum(sum(b.counts.values()) for b in batches),
-            "linesRead": sum(b.lines_read for b in batches),
-            "errors": sum(b.errors for b in batches),
-            "failureCount": max(b.failure_count for b in batches),
-            "restartCount": sum(b.restart_count for b in batches),
-            "lastError": next((b.last_error for b in batches if b.last_error), None),
-        }
-    return summary
+
+
+async def _summary(request: web.Request, record: Job) -> dict[str, Any]:
+    items = await request.app[OPERATIONS].children(record.id) if not record.parent_id else []
+    return job_summary(JobView(record, items))
 
 
 @routes.get("/_admin/health")
@@ -91,13 +82,8 @@ async def list_jobs(request: web.Request) -> web.Response:
         limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
     except ValueError:
         limit = 100
-    operations = request.app[OPERATIONS]
-    records = await operations.list(limit=limit)
-    jobs = [
-        job_summary(r, await operations.children(r.id) if r.kind == "import" else None)
-        for r in records
-    ]
-    return web.json_response({"jobs": jobs})
+    records = await request.app[OPERATIONS].list(limit=limit)
+    return web.json_response({"jobs": [await _summary(request, r) for r in records]})
 
 
 async def _job(request: web.Request) -> Job:
@@ -111,9 +97,7 @@ async def _job(request: web.Request) -> Job:
 @routes.get("/_admin/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
     _require_admin(request)
-    record = await _job(request)
-    items = await request.app[OPERATIONS].children(record.id) if record.kind == "import" else None
-    return web.json_response(job_summary(record, items))
+    return web.json_response(await _summary(request, await _job(request)))
 
 
 async def _pause(request: web.Request, pause: bool) -> web.Response:
@@ -124,7 +108,7 @@ async def _pause(request: web.Request, pause: bool) -> web.Response:
             409, f"job {record.id} is {record.status.value}: nothing to pause or resume"
         )
     request.app[WORKER].wake(record.id)
-    return web.json_response(job_summary(await _job(request)), status=202)
+    return web.json_response(await _summary(request, await _job(request)), status=202)
 
 
 @routes.post("/_admin/jobs/{job_id}/pause")
@@ -148,7 +132,7 @@ async def retry_job(request: web.Request) -> web.Response:
         destinations=app[DESTINATIONS],
     )
     app[WORKER].wake()
-    return web.json_response(job_summary(record), status=202)
+    return web.json_response(await _summary(request, record), status=202)
 
 
 @routes.post("/_admin/drain")

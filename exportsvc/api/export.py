@@ -34,6 +34,7 @@ from exportsvc.records import (
     utcnow,
 )
 from exportsvc.submit import submit_export
+from exportsvc.views import JobView
 
 NDJSON = "application/fhir+ndjson"
 REQUIRES_TOKEN = False  # no authorization is configured yet
@@ -108,20 +109,22 @@ async def _visible_job(request: web.Request) -> ExportJobRecord:
     return await visible_job(request, ExportJobRecord)
 
 
-def _expiry(record: JobRecord, request: web.Request) -> datetime:
+def _expiry(view: JobView, request: web.Request) -> datetime:
     ttl = request.app[SETTINGS].output_ttl_seconds
-    return (record.completed_at or utcnow()) + timedelta(seconds=ttl)
+    return (view.completed_at or utcnow()) + timedelta(seconds=ttl)
 
 
-def _expires(record: JobRecord, request: web.Request) -> str:
-    return format_datetime(_expiry(record, request), usegmt=True)
+async def _view(request: web.Request, job: ExportJobRecord) -> JobView:
+    return JobView(job, await request.app[OPERATIONS].children(job.id))
 
 
 def manifest(
-    record: ExportJobRecord, base: str, dest: ExportDestinationClient, expires: datetime
+    view: JobView, base: str, dest: ExportDestinationClient, expires: datetime
 ) -> dict[str, object]:
     """The completion manifest. Files are signed URLs (read-only, expiring with the
     manifest) where the destination can sign, else served by this service."""
+    job = view.job
+    assert isinstance(job, ExportJobRecord)
     proxied = False
 
     def entry(f: OutputFile) -> dict[str, object]:
@@ -129,24 +132,26 @@ def manifest(
         url = dest.signed_url(f.name, expires)
         if url is None:
             proxied = True
-            url = f"{base}/_output/{record.id}/{f.name}"
+            url = f"{base}/_output/{job.id}/{f.name}"
         return {"type": f.type, "url": url, "count": f.count}
 
-    output = [entry(f) for f in record.output if f.role == "output"]
-    errors = [entry(f) for f in record.output if f.role == "error"]
+    files = view.files
     return {
-        "transactionTime": record.transaction_time.isoformat().replace("+00:00", "Z"),
-        "request": record.request.request_url,
+        "transactionTime": job.transaction_time.isoformat().replace("+00:00", "Z"),
+        "request": job.request.request_url,
         # Served files need a token exactly when this service demands one (no auth yet).
         "requiresAccessToken": proxied and REQUIRES_TOKEN,
-        "output": output,
-        "error": errors,
+        "output": [entry(f) for f in files if f.role == "output"],
+        "error": [entry(f) for f in files if f.role == "error"],
     }
 
 
-def progress_headers(record: ExportJobRecord) -> dict[str, str]:
-    done, total = record.resources_done, record.total_estimate
-    state = "paused" if record.pause_requested else record.status.value
+def progress_headers(view: JobView) -> dict[str, str]:
+    job = view.job
+    done, total = view.resources_done, view.total_estimate
+    state = "paused" if job.pause_requested else job.status.value
+    if any(i.status == JobStatus.RETRIABLE for i in view.items):
+        state = "retrying"
     if total is None:
         progress = f"{state}: waiting for a worker"
     else:
@@ -155,36 +160,35 @@ def progress_headers(record: ExportJobRecord) -> dict[str, str]:
         if state != "running":
             progress = f"{state}: {progress}"
     retry = 1
-    if record.started_at is not None and total:
-        elapsed = (utcnow() - record.started_at).total_seconds()
+    started = view.started_at
+    if started is not None and total:
+        elapsed = (utcnow() - started).total_seconds()
         rate = done / elapsed if elapsed > 0 and done else 0
         remaining = max(total - done, 0)
         retry = math.ceil(remaining / rate / 4) if rate else 2
-    if record.status == JobStatus.RETRIABLE and record.retry_after is not None:
-        retry = math.ceil((record.retry_after - utcnow()).total_seconds())
+    waits = [i.retry_after for i in (job, *view.items) if i.status == JobStatus.RETRIABLE]
+    if any(waits):
+        retry = math.ceil((min(w for w in waits if w) - utcnow()).total_seconds())
     return {"X-Progress": progress[:100], "Retry-After": str(min(max(retry, 1), 120))}
 
 
 @routes.get("/_operations/export/{job_id}")
 async def export_status(request: web.Request) -> web.Response:
-    record = await _visible_job(request)
-    if record.status == JobStatus.COMPLETED:
+    job = await _visible_job(request)
+    view = await _view(request, job)
+    if job.status == JobStatus.COMPLETED:
+        expires = _expiry(view, request)
+        dest = request.app[DESTINATIONS].for_job(job.id, job.request.container)
         return web.json_response(
-            manifest(
-                record,
-                base_url(request),
-                request.app[DESTINATIONS].for_job(record.id, record.request.container),
-                _expiry(record, request),
-            ),
-            headers={"Expires": _expires(record, request)},
+            manifest(view, base_url(request), dest, expires),
+            headers={"Expires": format_datetime(expires, usegmt=True)},
             dumps=_dumps,
         )
-    if record.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+    if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
         return outcome_response(
-            record.error_status or 500,
-            f"the export failed: {record.last_error or 'unknown error'}",
+            view.error_status, f"the export failed: {view.last_error or 'unknown error'}"
         )
-    return web.Response(status=202, headers=progress_headers(record))
+    return web.Response(status=202, headers=progress_headers(view))
 
 
 @routes.delete("/_operations/export/{job_id}")
@@ -203,14 +207,17 @@ async def export_cancel(request: web.Request) -> web.Response:
 
 @routes.get("/_output/{job_id}/{name}")
 async def output_file(request: web.Request) -> web.StreamResponse:
-    """A file of a finished export or import batch (error files), as the destination
-    holds it."""
+    """A file of a finished export (its folder holds its items' files) or import batch
+    (error files), as the destination holds it."""
     record = await visible_job(request, JobRecord)
     name = request.match_info["name"]
-    if record.status != JobStatus.COMPLETED or name not in {f.name for f in record.output}:
-        raise NotFound(f"no file {name!r} in export {record.id!r}")
+    files = record.output
+    if isinstance(record, ExportJobRecord):
+        files = (await _view(request, record)).files
+    if record.status != JobStatus.COMPLETED or name not in {f.name for f in files}:
+        raise NotFound(f"no file {name!r} in job {record.id!r}")
     dest = request.app[DESTINATIONS].for_job(record.id, container_of(record))
-    headers = {"Content-Type": NDJSON, "Expires": _expires(record, request)}
+    headers = {"Content-Type": NDJSON}
     path = dest.local_path(name)
     gzip = "gzip" in request.headers.get("Accept-Encoding", "").lower()
     if path is not None and not gzip:

@@ -62,15 +62,15 @@ async def test_acquire_is_exclusive_and_fenced(operations: OperationDataStore) -
     later = now + timedelta(seconds=31)
     taken = await operations.acquire("w-next", 30, later)
     assert taken is not None and taken.lease.version == 2 and taken.restart_count == 1
-    leased.resources_done = 99
+    leased.last_error = "stale"
     with pytest.raises(LeaseLost):
         await operations.save(leased)
     with pytest.raises(LeaseLost):
         await operations.heartbeat(record.id, leased.lease.version, 30, later)
-    taken.resources_done = 5
+    taken.last_error = "fresh"
     await operations.save(taken)
     stored = await operations.get(record.id)
-    assert stored is not None and stored.resources_done == 5
+    assert stored is not None and stored.last_error == "fresh"
 
 
 async def test_cancel_request_survives_a_checkpoint(operations: OperationDataStore) -> None:
@@ -78,13 +78,13 @@ async def test_cancel_request_survives_a_checkpoint(operations: OperationDataSto
     leased = await operations.acquire("w", 30, utcnow())
     assert leased is not None
     assert await operations.request_cancel(record.id)
-    leased.resources_done = 10
+    leased.last_error = "checkpoint"
     await operations.save(leased)  # the worker's copy still says cancel_requested=False
     control = await operations.heartbeat(record.id, leased.lease.version, 30, utcnow())
     assert control.cancel_requested
     stored = await operations.get(record.id)
     assert stored is not None and stored.cancel_requested and not stored.visible
-    assert stored.resources_done == 10
+    assert stored.last_error == "checkpoint"
     # A cancelled job no longer counts against the client's limit nor deduplicates.
     _, created = await operations.create_job(job(), max_active_per_client=1)
     assert created

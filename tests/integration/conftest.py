@@ -5,18 +5,28 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
 
 from datastore.postgres import PostgresDatabase
-from exportsvc.export_task import ExportJobTask, JobSignals
-from exportsvc.records import ExportJobRecord, ExportKind, ExportRequest, utcnow
+from exportsvc.export_task import ExportItemTask, ExportPlanTask, JobSignals
+from exportsvc.records import (
+    ExportItemRecord,
+    ExportJobRecord,
+    ExportKind,
+    ExportRequest,
+    Job,
+    utcnow,
+)
 from exportsvc.runtime import Runtime, open_runtime
 from exportsvc.seed import generate
 from exportsvc.settings import Settings
 from exportsvc.submit import submit_export
+from exportsvc.tasks import JobTask
 from exportsvc.validator import ValidationReport, validate_export
+from exportsvc.views import JobView
 
 
 @dataclass
@@ -43,33 +53,58 @@ class Harness:
         assert created
         return record
 
-    async def acquire(self) -> ExportJobRecord:
-        record = await self.runtime.operations.acquire("test-worker", 30, utcnow())
+    async def acquire(self, owner: str = "test-worker") -> Job:
+        record = await self.runtime.operations.acquire(owner, 30, utcnow())
         assert record is not None
         return record
 
-    def task(self, record: ExportJobRecord, signals: JobSignals | None = None) -> ExportJobTask:
-        return ExportJobTask(
-            record,
-            operations=self.runtime.operations,
-            resources=self.runtime.resources,
-            secrets=self.runtime.secrets,
-            destinations=self.runtime.destinations,
-            settings=self.settings,
-            signals=signals,
-        )
+    def task(self, record: Job, signals: JobSignals | None = None) -> JobTask[Any]:
+        facilities: dict[str, Any] = {
+            "operations": self.runtime.operations,
+            "resources": self.runtime.resources,
+            "secrets": self.runtime.secrets,
+            "destinations": self.runtime.destinations,
+            "settings": self.settings,
+            "signals": signals,
+        }
+        if isinstance(record, ExportJobRecord):
+            return ExportPlanTask(record, **facilities)
+        assert isinstance(record, ExportItemRecord)
+        return ExportItemTask(record, **facilities)
 
-    async def run(self, record: ExportJobRecord) -> ExportJobRecord:
+    async def run(self, record: Job) -> Job:
         await self.task(record).run()
         stored = await self.runtime.operations.get(record.id)
         assert stored is not None
         return stored
 
+    async def plan(self) -> list[ExportItemRecord]:
+        """Run the queued export's planning step; its items are queued then."""
+        parent = await self.acquire()
+        assert isinstance(parent, ExportJobRecord)
+        await self.run(parent)
+        return [
+            i
+            for i in await self.runtime.operations.children(parent.id)
+            if isinstance(i, ExportItemRecord)
+        ]
+
+    async def run_all(self, job_id: str) -> JobView:
+        """Run everything queued (planning, items) to the end; the export seen whole."""
+        while (record := await self.runtime.operations.acquire("w", 30, utcnow())) is not None:
+            await self.task(record).run()
+        return await self.view(job_id)
+
+    async def view(self, job_id: str) -> JobView:
+        job = await self.runtime.operations.get(job_id)
+        assert job is not None
+        return JobView(job, await self.runtime.operations.children(job_id))
+
     async def validate(self, job_id: str) -> ValidationReport:
-        record = await self.runtime.operations.get(job_id)
-        assert record is not None
-        dest = self.runtime.destinations.for_job(job_id, record.request.container)
-        return await validate_export(record, self.runtime.resources, dest)
+        view = await self.view(job_id)
+        assert isinstance(view.job, ExportJobRecord)
+        dest = self.runtime.destinations.for_job(job_id, view.job.request.container)
+        return await validate_export(view, self.runtime.resources, dest)
 
 
 @pytest.fixture(params=["sqlite-filesystem", "sqlite-azure-blob", "postgres-filesystem"])

@@ -13,6 +13,7 @@ from exportsvc.api.keys import OPERATIONS, RESOURCES
 from exportsvc.errors import StoreError
 from exportsvc.records import JobStatus
 from exportsvc.settings import Settings
+from exportsvc.views import JobView
 from tests.integration.test_api import ASYNC, finished, outcome, serve
 
 
@@ -86,15 +87,17 @@ async def test_a_failed_job_retried_resumes_from_its_checkpoint(settings: Settin
                     assert "unreachable" in await outcome(response)
                     break
             await asyncio.sleep(0.01)
-        failed = await test_server.app[OPERATIONS].get(job_id)
+        operations = test_server.app[OPERATIONS]
+        failed = await operations.get(job_id)
         assert failed is not None and failed.status == JobStatus.FAILED
-        assert failed.pages_read == 4
+        assert JobView(failed, await operations.children(job_id)).pages_read == 4
 
         broken, served = False, 0
         status, body = await admin(session, "POST", f"/jobs/{job_id}/retry")
-        assert status == 202 and body["status"] == "queued"
+        assert status == 202 and body["status"] == "running" and body["failureCount"] == 0
         _, manifest = await finished(session, status_url)
-        done = await test_server.app[OPERATIONS].get(job_id)
+        done = await operations.get(job_id)
         assert done is not None and done.status == JobStatus.COMPLETED
-        assert served == done.pages_read - 4, "the retry must not start over"
-        assert sum(f["count"] for f in manifest["output"]) == done.total_estimate
+        view = JobView(done, await operations.children(job_id))
+        assert served == view.pages_read - 4, "the retry must not start over"
+        assert sum(f["count"] for f in manifest["output"]) == view.total_estimate

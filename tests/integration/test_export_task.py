@@ -1,7 +1,9 @@
-"""ExportJobTask on the embedded stack: SQLite stores and the filesystem destination."""
+"""The export tasks (planning, work items) on SQLite or PostgreSQL, filesystem or Azurite."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,53 +14,82 @@ import pytest
 from datastore.resources import ExportQuery, Page, ResourceStore
 from exportsvc.errors import DestinationError, SecretNotFound
 from exportsvc.export_task import JobSignals
-from exportsvc.records import ExportKind, JobStatus, utcnow
+from exportsvc.records import ExportItemRecord, ExportKind, JobStatus, utcnow
 from tests.integration.conftest import Harness
 
 
 async def test_system_export_rolls_files_and_validates(harness: Harness) -> None:
-    await harness.submit()
-    record = await harness.run(await harness.acquire())
-    assert record.status == JobStatus.COMPLETED
-    assert record.total_estimate == record.resources_done > 0
-    observation_files = [f for f in record.output if f.type == "Observation"]
+    job = await harness.submit()
+    items = await harness.plan()
+    assert len(items) == len(await harness.runtime.resources.types(job.snapshot_seq))
+    view = await harness.run_all(job.id)
+    assert view.job.status == JobStatus.COMPLETED
+    assert view.total_estimate == view.resources_done > 0
+    observation_files = [f for f in view.files if f.type == "Observation"]
     assert len(observation_files) > 3, "max_file_bytes=4096 must roll Observation files"
-    assert all(f.committed_bytes <= harness.settings.max_file_bytes for f in record.output)
-    assert [f.sequence for f in observation_files] == list(range(1, len(observation_files) + 1))
-    report = await harness.validate(record.id)
+    assert all(f.committed_bytes <= harness.settings.max_file_bytes for f in view.files)
+    assert [f.name for f in observation_files] == [
+        f"Observation-{n:04d}.ndjson" for n in range(1, len(observation_files) + 1)
+    ]
+    report = await harness.validate(job.id)
     assert report.ok, report.render()
-    # The secret is gone once the job is done.
-    with pytest.raises(SecretNotFound):
-        await harness.runtime.secrets.get(record.secret_name or "")
+    for record in (view.job, *view.items):  # every secret is gone once the job is done
+        with pytest.raises(SecretNotFound):
+            await harness.runtime.secrets.get(record.secret_name or "")
+
+
+async def test_large_types_fan_out_across_workers(harness: Harness) -> None:
+    harness.runtime.settings = harness.settings.model_copy(update={"export_item_resources": 60})
+    job = await harness.submit(types=["Observation", "Patient"])
+    items = await harness.plan()
+    observation = [i for i in items if i.type == "Observation"]
+    assert len(observation) > 3 and [i.scope for i in items if i.type == "Patient"] == ["Patient"]
+    assert observation[0].scope == "Observation.000"
+    ranges = sorted((i.seq_after, i.seq_max) for i in observation)
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # no gap, no overlap
+
+    async def worker(name: str) -> int:
+        done = 0
+        while (item := await harness.runtime.operations.acquire(name, 30, utcnow())) is not None:
+            await harness.task(item).run()
+            done += 1
+        return done
+
+    counts = await asyncio.gather(worker("w1"), worker("w2"))
+    assert sum(counts) == len(items) and min(counts) > 0, "both workers took items"
+    view = await harness.view(job.id)
+    assert view.job.status == JobStatus.COMPLETED
+    names = [f.name for f in view.files]
+    assert len(names) == len(set(names)) and "Observation.001-0001.ndjson" in names
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()
 
 
 async def test_types_and_since(harness: Harness) -> None:
     since = datetime(2024, 1, 1, tzinfo=UTC)
-    await harness.submit(types=["Patient", "Condition"], since=since)
-    record = await harness.run(await harness.acquire())
-    assert {f.type for f in record.output} <= {"Patient", "Condition"}
-    everything = await harness.runtime.resources.count(
-        ExportQuery("Condition", record.snapshot_seq)
-    )
-    selected = sum(f.count for f in record.output if f.type == "Condition")
+    job = await harness.submit(types=["Patient", "Condition"], since=since)
+    view = await harness.run_all(job.id)
+    assert {f.type for f in view.files} <= {"Patient", "Condition"}
+    everything = await harness.runtime.resources.count(ExportQuery("Condition", job.snapshot_seq))
+    selected = sum(f.count for f in view.files if f.type == "Condition")
     assert 0 < selected < everything, "_since must select a real subset"
-    report = await harness.validate(record.id)
+    report = await harness.validate(job.id)
     assert report.ok, report.render()
 
 
 async def test_patient_and_group_exports(harness: Harness) -> None:
-    await harness.submit(ExportKind.PATIENT)
-    patient_level = await harness.run(await harness.acquire())
-    types = {f.type for f in patient_level.output}
+    patient_job = await harness.submit(ExportKind.PATIENT)
+    patient_level = await harness.run_all(patient_job.id)
+    types = {f.type for f in patient_level.files}
     assert "Patient" in types and "Observation" in types
     assert not types & {"Practitioner", "Organization"}  # not in the Patient compartment
-    assert (await harness.validate(patient_level.id)).ok
+    assert (await harness.validate(patient_job.id)).ok
 
     groups = [g async for g in _groups(harness.runtime.resources)]
     group = min(groups, key=lambda g: len(g["member"]))
-    await harness.submit(ExportKind.GROUP, group_id=group["id"])
-    group_level = await harness.run(await harness.acquire())
-    report = await harness.validate(group_level.id)
+    group_job = await harness.submit(ExportKind.GROUP, group_id=group["id"])
+    group_level = await harness.run_all(group_job.id)
+    report = await harness.validate(group_job.id)
     assert report.ok, report.render()
     assert report.found["Patient"] == len(group["member"])
     assert group_level.resources_done < patient_level.resources_done
@@ -75,9 +106,18 @@ class _Crash(BaseException):
     """A process dying: nothing after it runs (not an ExportSvcError, not an Exception)."""
 
 
+async def one_item(harness: Harness, **fields: Any) -> tuple[str, ExportItemRecord]:
+    """An export of a single work item, planned; the item leased."""
+    job = await harness.submit(**fields)
+    items = await harness.plan()
+    assert len(items) == 1
+    item = await harness.acquire()
+    assert isinstance(item, ExportItemRecord)
+    return job.id, item
+
+
 async def test_crash_between_commit_and_checkpoint_is_rewritten_once(harness: Harness) -> None:
-    await harness.submit()
-    first = await harness.acquire()
+    job_id, first = await one_item(harness, types=["Observation"])
     operations = harness.runtime.operations
     saves = 0
     original = operations.save
@@ -94,15 +134,16 @@ async def test_crash_between_commit_and_checkpoint_is_rewritten_once(harness: Ha
         await harness.task(first).run()
     operations.save = original  # type: ignore[method-assign]
     checkpointed = await operations.get(first.id)
-    assert checkpointed is not None and checkpointed.resources_done > 0
+    assert isinstance(checkpointed, ExportItemRecord) and checkpointed.resources_done > 0
 
     # The lease expires; the next worker resumes from the last checkpoint.
     resumed = await operations.acquire("w2", 30, utcnow() + timedelta(seconds=31))
     assert resumed is not None and resumed.restart_count == 1
     pages = _count_pages(harness.runtime.resources)
     done = await harness.run(resumed)
-    assert done.status == JobStatus.COMPLETED
-    report = await harness.validate(done.id)
+    assert isinstance(done, ExportItemRecord) and done.status == JobStatus.COMPLETED
+    assert (await harness.view(job_id)).job.status == JobStatus.COMPLETED
+    report = await harness.validate(job_id)
     assert report.ok, report.render()
     # Resumed, not restarted: only the pages after the last checkpoint are read again.
     assert pages() == done.pages_read - checkpointed.pages_read
@@ -110,11 +151,9 @@ async def test_crash_between_commit_and_checkpoint_is_rewritten_once(harness: Ha
 
 
 async def test_writes_during_the_export_do_not_leak_into_it(harness: Harness) -> None:
-    await harness.submit(types=["Patient"])
-    record = await harness.acquire()
+    job_id, item = await one_item(harness, types=["Patient"])
     store = harness.runtime.resources
-    snap = await store.current_seq()
-    first_page = await store.page(ExportQuery("Patient", snap), 0, 3)
+    first_page = await store.page(ExportQuery("Patient", item.snapshot_seq), 0, 3)
     changed, deleted = first_page.rows[-1].id, first_page.rows[0].id
     original = store.page
     calls = 0
@@ -131,13 +170,13 @@ async def test_writes_during_the_export_do_not_leak_into_it(harness: Harness) ->
         return await original(query, after, limit)
 
     store.page = page_and_write  # type: ignore[method-assign]
-    done = await harness.run(record)
+    await harness.run(item)
     store.page = original  # type: ignore[method-assign]
-    report = await harness.validate(done.id)
+    report = await harness.validate(job_id)
     assert report.ok, report.render()
     assert report.found["Patient"] == 12
     lines = []
-    async for chunk in _read_all(harness, done):
+    async for chunk in _read_all(harness, job_id):
         lines += chunk.splitlines()
     exported = {orjson.loads(line)["id"]: orjson.loads(line) for line in lines}
     assert "born-during-export" not in exported
@@ -145,9 +184,10 @@ async def test_writes_during_the_export_do_not_leak_into_it(harness: Harness) ->
     assert exported[changed]["meta"]["versionId"] == "1"
 
 
-async def _read_all(harness: Harness, record: Any) -> Any:
-    dest = harness.runtime.destinations.for_job(record.id, record.request.container)
-    for f in record.output:
+async def _read_all(harness: Harness, job_id: str) -> Any:
+    view = await harness.view(job_id)
+    dest = harness.runtime.destinations.for_job(job_id, None)
+    for f in view.files:
         async for chunk in dest.read(f.name):
             yield chunk
 
@@ -167,8 +207,7 @@ def _count_pages(store: ResourceStore) -> Callable[[], int]:
 
 
 async def test_drain_releases_with_a_checkpoint_and_resumes(harness: Harness) -> None:
-    await harness.submit()
-    record = await harness.acquire()
+    job_id, item = await one_item(harness, types=["Observation"])
     signals = JobSignals()
     store = harness.runtime.resources
     original = store.page
@@ -182,55 +221,63 @@ async def test_drain_releases_with_a_checkpoint_and_resumes(harness: Harness) ->
         return await original(query, after, limit)
 
     store.page = page_then_drain  # type: ignore[method-assign]
-    await harness.task(record, signals).run()
+    await harness.task(item, signals).run()
     store.page = original  # type: ignore[method-assign]
-    drained = await harness.runtime.operations.get(record.id)
-    assert drained is not None
+    drained = await harness.runtime.operations.get(item.id)
+    assert isinstance(drained, ExportItemRecord)
     assert drained.status == JobStatus.QUEUED and drained.failure_count == 0
     assert drained.resources_done > 0 and drained.lease.owner is None
     assert drained.pages_read == calls == 3
     resumed = await harness.acquire()
-    assert resumed.restart_count == 0
+    assert resumed.id == item.id and resumed.restart_count == 0
     pages = _count_pages(store)
     done = await harness.run(resumed)
-    assert done.status == JobStatus.COMPLETED
+    assert isinstance(done, ExportItemRecord) and done.status == JobStatus.COMPLETED
     # Nothing read before the drain is read again.
     assert pages() + calls == done.pages_read
-    assert (await harness.validate(done.id)).ok
+    assert (await harness.validate(job_id)).ok
 
 
 async def test_cancel_deletes_files_and_secret(harness: Harness) -> None:
-    await harness.submit()
-    record = await harness.acquire()
+    job_id, item = await one_item(harness, types=["Observation"])
     signals = JobSignals()
     store = harness.runtime.resources
     original = store.page
 
     async def page_then_cancel(query: ExportQuery, after: int, limit: int) -> Page:
-        if after > 0:
+        if after > item.seq_after:
             signals.cancel.set()
         return await original(query, after, limit)
 
     store.page = page_then_cancel  # type: ignore[method-assign]
-    await harness.task(record, signals).run()
+    await harness.task(item, signals).run()
     store.page = original  # type: ignore[method-assign]
-    cancelled = await harness.runtime.operations.get(record.id)
+    cancelled = await harness.runtime.operations.get(item.id)
     assert cancelled is not None and cancelled.status == JobStatus.CANCELLED
-    progressed = await harness.runtime.operations.get(record.id)
-    assert progressed is not None and progressed.output, "files were committed before cancel"
-    dest = harness.runtime.destinations.for_job(record.id, None)
-    for f in progressed.output:
+    assert cancelled.output, "files were committed before the cancel"
+    assert (await harness.view(job_id)).job.status == JobStatus.CANCELLED
+    dest = harness.runtime.destinations.for_job(job_id, None)
+    for f in cancelled.output:
         with pytest.raises(DestinationError):
             [chunk async for chunk in dest.read(f.name)]
     with pytest.raises(SecretNotFound):
-        await harness.runtime.secrets.get(record.secret_name or "")
+        await harness.runtime.secrets.get(item.secret_name or "")
 
 
 async def test_lenient_problems_are_reported_in_the_error_file(harness: Harness) -> None:
-    await harness.submit(types=["Patient"], ignored=["unknown parameter 'foo'; it was ignored"])
-    done = await harness.run(await harness.acquire())
-    errors = [f for f in done.output if f.role == "error"]
+    job = await harness.submit(
+        types=["Patient"], ignored=["unknown parameter 'foo'; it was ignored"]
+    )
+    view = await harness.run_all(job.id)
+    errors = [f for f in view.files if f.role == "error"]
     assert [(f.type, f.count) for f in errors] == [("OperationOutcome", 1)]
-    body = b"".join([c async for c in _read_all(harness, done)])
+    body = b"".join([c async for c in _read_all(harness, job.id)])
     assert b"unknown parameter 'foo'" in body
-    assert (await harness.validate(done.id)).ok
+    assert (await harness.validate(job.id)).ok
+
+
+async def test_an_export_of_nothing_completes(harness: Harness) -> None:
+    job = await harness.submit(types=["Specimen"])
+    view = await harness.run_all(job.id)
+    assert view.job.status == JobStatus.COMPLETED and view.items == [] and view.files == []
+    assert (await harness.validate(job.id)).ok

@@ -67,16 +67,20 @@ async def test_drain_puts_running_jobs_back_in_the_queue(harness: Harness) -> No
     harness.runtime.settings = harness.runtime.settings.model_copy(update={"page_size": 1})
     w = worker(harness, poll_interval_seconds=0.02)
     running = asyncio.create_task(w.run())
-    job = await harness.submit()
+    job = await harness.submit(types=["Observation"])
     w.wake()
-    await wait_for(harness, job.id, lambda r: r.resources_done > 0)
+    for _ in range(1000):
+        if (await harness.view(job.id)).resources_done > 0:
+            break
+        await asyncio.sleep(0.01)
     w.stop()
     await asyncio.wait_for(running, 10)
-    drained = await harness.runtime.operations.get(job.id)
-    assert drained is not None
-    assert drained.status == JobStatus.QUEUED, "660 one-resource pages take far longer"
-    assert drained.failure_count == 0 and drained.lease.owner is None
-    assert 0 < drained.resources_done < drained.total_estimate
+    view = await harness.view(job.id)
+    (item,) = view.items
+    assert item.status == JobStatus.QUEUED, "400 one-resource pages take far longer"
+    assert item.failure_count == 0 and item.lease.owner is None
+    assert 0 < view.resources_done < (view.total_estimate or 0)
+    assert view.job.status == JobStatus.RUNNING  # the export follows its item
     second = worker(harness, poll_interval_seconds=0.02)
     running = asyncio.create_task(second.run())
     done = await wait_for(harness, job.id, lambda r: r.status == JobStatus.COMPLETED)

@@ -48,13 +48,15 @@ WITH candidate AS (
         OR (status = 'retriable' AND coalesce(retry_after, 0) <= $2 AND NOT pause_requested)
         OR (status = 'running' AND lease_expires < $2)
         OR (cancel_requested
-            AND status IN ('queued', 'retriable', 'paused', 'completed', 'failed')))
+            AND (status IN ('queued', 'retriable', 'paused', 'completed', 'failed')
+                 OR (status = 'running' AND lease_owner IS NULL))))
     ORDER BY created_at
     LIMIT 1
     FOR UPDATE SKIP LOCKED
 )
 UPDATE jobs SET
-    restart_count = jobs.restart_count + (jobs.status = 'running')::integer,
+    restart_count = jobs.restart_count
+        + (jobs.status = 'running' AND jobs.lease_owner IS NOT NULL)::integer,
     status = 'running',
     lease_owner = $1,
     lease_version = jobs.lease_version + 1,

@@ -52,6 +52,9 @@ SELECT raw FROM resources
 WHERE type = $1 AND id = $2 AND seq <= $3
   AND (next_seq IS NULL OR next_seq > $3) AND NOT deleted;
 
+-- name: seq_bounds
+SELECT min(seq), max(seq) FROM resources WHERE type = $1 AND seq <= $2;
+
 -- name: types
 -- A skip scan of the (type, seq) index: one probe per distinct type, not a table scan.
 WITH RECURSIVE t(type) AS (

@@ -27,7 +27,7 @@ FROM jobs WHERE parent_id = :id ORDER BY created_at, id;
 
 -- name: acquire
 UPDATE jobs SET
-    restart_count = restart_count + (status = 'running'),
+    restart_count = restart_count + (status = 'running' AND lease_owner IS NOT NULL),
     status = 'running',
     lease_owner = :owner,
     lease_version = lease_version + 1,
@@ -39,7 +39,8 @@ WHERE id = (
         OR (status = 'retriable' AND coalesce(retry_after, 0) <= :now AND pause_requested = 0)
         OR (status = 'running' AND lease_expires < :now)
         OR (cancel_requested = 1
-            AND status IN ('queued', 'retriable', 'paused', 'completed', 'failed')))
+            AND (status IN ('queued', 'retriable', 'paused', 'completed', 'failed')
+                 OR (status = 'running' AND lease_owner IS NULL))))
     ORDER BY created_at LIMIT 1
 )
 RETURNING record, status, lease_owner, lease_version, lease_expires, restart_count,

@@ -31,6 +31,9 @@ SELECT raw FROM resources
 WHERE key_hash = :key AND type = :type AND id = :id AND seq <= :as_of
   AND (next_seq IS NULL OR next_seq > :as_of) AND deleted = 0;
 
+-- name: seq_bounds
+SELECT min(seq), max(seq) FROM resources WHERE type = :type AND seq <= :as_of;
+
 -- name: types
 SELECT DISTINCT type FROM resources WHERE seq <= :as_of ORDER BY type;
 

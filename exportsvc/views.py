@@ -1,0 +1,83 @@
+"""A job seen whole: the parent record and its work items, summed up for clients,
+operators and the DataValidator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from exportsvc.records import (
+    ExportItemRecord,
+    ExportJobRecord,
+    ImportBatchRecord,
+    Job,
+    JobStatus,
+    OutputFile,
+)
+
+
+@dataclass(frozen=True)
+class JobView:
+    job: Job
+    items: list[Job]
+
+    @property
+    def exports(self) -> list[ExportItemRecord]:
+        return [i for i in self.items if isinstance(i, ExportItemRecord)]
+
+    @property
+    def batches(self) -> list[ImportBatchRecord]:
+        return [i for i in self.items if isinstance(i, ImportBatchRecord)]
+
+    @property
+    def resources_done(self) -> int:
+        return sum(i.resources_done for i in self.exports) + sum(
+            sum(b.counts.values()) for b in self.batches
+        )
+
+    @property
+    def total_estimate(self) -> int | None:
+        job = self.job
+        return job.total_estimate if isinstance(job, ExportJobRecord) else None
+
+    @property
+    def pages_read(self) -> int:
+        return sum(i.pages_read for i in self.exports)
+
+    @property
+    def files(self) -> list[OutputFile]:
+        """Every file of an export: the items' in plan order, then the error file."""
+        files = [f for i in self.exports for f in i.output]
+        return files + list(self.job.output)
+
+    @property
+    def started_at(self) -> datetime | None:
+        starts = (self.job.started_at, *(i.started_at for i in self.items))
+        return min((s for s in starts if s is not None), default=None)
+
+    @property
+    def completed_at(self) -> datetime | None:
+        ends = [i.completed_at for i in self.items if i.completed_at]
+        return max(ends, default=self.job.completed_at)
+
+    @property
+    def failure_count(self) -> int:
+        return max([self.job.failure_count, *(i.failure_count for i in self.items)])
+
+    @property
+    def restart_count(self) -> int:
+        return self.job.restart_count + sum(i.restart_count for i in self.items)
+
+    @property
+    def last_error(self) -> str | None:
+        errors = [self.job.last_error, *(i.last_error for i in self.items)]
+        return next((e for e in errors if e), None)
+
+    @property
+    def error_status(self) -> int:
+        statuses = [i.error_status for i in (self.job, *self.items) if i.error_status]
+        return max(statuses, default=500)
+
+    @property
+    def items_done(self) -> int:
+        return sum(i.status == JobStatus.COMPLETED for i in self.items)
