@@ -18,6 +18,7 @@ from datastore.operations import Job
 from exportsvc.api.keys import DESTINATIONS, OPERATIONS, SECRETS, SETTINGS, WORKER
 from exportsvc.api.outcome import outcome_response
 from exportsvc.errors import Forbidden, NotFound
+from exportsvc.records import ACTIVE_STATUSES, JobStatus
 from exportsvc.submit import retry_failed
 from exportsvc.views import JobView
 
@@ -133,6 +134,46 @@ async def retry_job(request: web.Request) -> web.Response:
     )
     app[WORKER].wake()
     return web.json_response(await _summary(request, record), status=202)
+
+
+SIZE_CLASSES = ((100_000, "S"), (1_000_000, "M"), (10_000_000, "L"))
+
+
+def size_class(resources: int) -> str:
+    return next((name for limit, name in SIZE_CLASSES if resources < limit), "XL")
+
+
+@routes.get("/_admin/workload")
+async def workload(request: web.Request) -> web.Response:
+    """How much work there is, for an autoscaler (KEDA-style): jobs and work items queued
+    or running, the resources still to export, a size class and a worker suggestion."""
+    _require_admin(request)
+    operations = request.app[OPERATIONS]
+    active = [j for j in await operations.list(limit=1000) if j.status in ACTIVE_STATUSES]
+    counts = {"queued": 0, "running": 0}
+    remaining = import_bytes = 0
+    for job in active:
+        view = JobView(job, await operations.children(job.id))
+        for item in view.items or [job]:
+            if item.status in ACTIVE_STATUSES:
+                key = (
+                    "running" if item.status == JobStatus.RUNNING and item.lease.owner else "queued"
+                )
+                counts[key] += 1
+        remaining += max((view.total_estimate or 0) - view.resources_done, 0)
+        import_bytes += sum(b.end - b.offset for b in view.batches if b.status in ACTIVE_STATUSES)
+    items = counts["queued"] + counts["running"]
+    return web.json_response(
+        {
+            "activeJobs": len(active),
+            "queuedItems": counts["queued"],
+            "runningItems": counts["running"],
+            "remainingResources": remaining,
+            "remainingImportBytes": import_bytes,
+            "sizeClass": size_class(remaining + import_bytes // 1000),
+            "suggestedWorkers": min(items, max(1, remaining // 250_000 + 1)) if items else 0,
+        }
+    )
 
 
 @routes.post("/_admin/drain")

@@ -9,9 +9,10 @@ from aiohttp import ClientSession
 from pydantic import SecretStr
 
 from datastore.resources import ExportQuery, Page
-from exportsvc.api.keys import OPERATIONS, RESOURCES
+from exportsvc.api.keys import DESTINATIONS, OPERATIONS, RESOURCES, SECRETS
 from exportsvc.errors import StoreError
-from exportsvc.records import JobStatus
+from exportsvc.export_task import ExportPlanTask
+from exportsvc.records import ExportJobRecord, JobStatus, utcnow
 from exportsvc.settings import Settings
 from exportsvc.views import JobView
 from tests.integration.test_api import ASYNC, finished, outcome, serve
@@ -101,3 +102,30 @@ async def test_a_failed_job_retried_resumes_from_its_checkpoint(settings: Settin
         view = JobView(done, await operations.children(job_id))
         assert served == view.pages_read - 4, "the retry must not start over"
         assert sum(f["count"] for f in manifest["output"]) == view.total_estimate
+
+
+async def test_workload_for_an_autoscaler(settings: Settings) -> None:
+    settings = settings.model_copy(update={"export_item_resources": 50})
+    async with serve(settings, with_worker=False, patients=5) as (server, session):
+        status, idle = await admin(session, "GET", "/workload")
+        assert status == 200 and idle["activeJobs"] == 0 and idle["suggestedWorkers"] == 0
+        await kickoff(session, "?_type=Observation")
+        status, body = await admin(session, "GET", "/workload")
+        assert body["activeJobs"] == 1 and body["queuedItems"] == 1  # not planned yet
+        app = server.app
+        parent = await app[OPERATIONS].acquire("planner", 30, utcnow())
+        assert isinstance(parent, ExportJobRecord)
+        await ExportPlanTask(
+            parent,
+            operations=app[OPERATIONS],
+            resources=app[RESOURCES],
+            secrets=app[SECRETS],
+            destinations=app[DESTINATIONS],
+            settings=app[DESTINATIONS].settings,
+        ).run()
+        status, body = await admin(session, "GET", "/workload")
+        planned = await app[OPERATIONS].get(parent.id)
+        assert isinstance(planned, ExportJobRecord) and planned.item_count > 1
+        assert body["queuedItems"] == planned.item_count and body["runningItems"] == 0
+        assert body["remainingResources"] == planned.total_estimate > 0
+        assert body["sizeClass"] == "S" and body["suggestedWorkers"] >= 1
