@@ -77,7 +77,8 @@ class OperationDataStore(abc.ABC):
     async def save(self, record: JobRecord) -> None:
         """Persist ``record`` fenced by ``record.lease.version``; raises ``LeaseLost``.
 
-        Writes everything but the control columns clients own (cancel, pause). Whoever
+        Writes everything but the control columns clients own (cancel, pause) and, while
+        the lease is held, its expiry (the heartbeat's to extend). Whoever
         read the record without a lease (an operator's retry) may save it too: the same
         version check refuses it if a worker acquired the job meanwhile.
         """

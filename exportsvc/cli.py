@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
-import itertools
 import signal
 import sys
 import time
@@ -14,12 +12,12 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from datastore.postgres import SchemaError
-from datastore.resources import WriteResult
 from exportsvc import logs
 from exportsvc.api import create_app
 from exportsvc.import_client import run_import
 from exportsvc.records import ExportJobRecord, ImportBatchRecord, ImportJobRecord
 from exportsvc.runtime import open_runtime, stores
+from exportsvc.seeding import seed_store
 from exportsvc.settings import Settings
 from exportsvc.sources import SourceReader
 from exportsvc.validator import validate_export, validate_import
@@ -52,30 +50,12 @@ async def _worker(settings: Settings) -> int:
 
 
 async def _seed(args: argparse.Namespace, settings: Settings) -> int:
-    from exportsvc.seed import generate
-
     async with open_runtime(settings) as runtime:
         if args.if_empty and await runtime.resources.current_seq() > 0:
             print("the store already holds data; not seeding (--if-empty)")
             return 0
-        started, total = time.perf_counter(), 0
-        writing: asyncio.Task[WriteResult] | None = None
-        # Generate the next batch while the database thread writes the previous one. The
-        # data makes no reference cycles, and the cyclic GC re-scanning every live batch
-        # cost a third of the time: it is off while seeding.
-        resources = generate(args.patients, seed=args.seed)
-        gc.disable()
-        try:
-            while batch := list(itertools.islice(resources, 10_000)):
-                if writing is not None:
-                    total += (await writing).created
-                writing = asyncio.create_task(
-                    runtime.resources.write(batch, keep_last_updated=True)
-                )
-            if writing is not None:
-                total += (await writing).created
-        finally:
-            gc.enable()
+        started = time.perf_counter()
+        total = await seed_store(runtime.resources, args.patients, args.seed)
         elapsed = time.perf_counter() - started
         print(
             f"seeded {total} resources for {args.patients} patients in {elapsed:.1f}s "

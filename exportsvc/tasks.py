@@ -39,6 +39,8 @@ class JobSignals:
     pause: asyncio.Event = field(default_factory=asyncio.Event)
     drain: asyncio.Event = field(default_factory=asyncio.Event)
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    """The task gave its lease back (done, drained, paused): heartbeats stop mattering."""
 
 
 async def shielded(awaitable: Awaitable[T]) -> T:
@@ -201,6 +203,7 @@ class JobTask(abc.ABC, Generic[R]):
         self.record.lease.owner = None
         self.record.lease.expires_at = None
         await shielded(self.operations.save(self.record))
+        self.signals.released.set()
         if self.record.parent_id and status in (JobStatus.COMPLETED, JobStatus.CANCELLED):
             await self.operations.settle(self.record.parent_id)
 

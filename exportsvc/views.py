@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from exportsvc.records import (
+    ACTIVE_STATUSES,
     ExportItemRecord,
     ExportJobRecord,
     ImportBatchRecord,
@@ -20,6 +21,23 @@ from exportsvc.records import (
 class JobView:
     job: Job
     items: list[Job]
+
+    @property
+    def status(self) -> str:
+        """What the job is doing: a job following its items is ``running`` only while an
+        item holds a lease; ``queued`` when they all wait (drained), ``paused`` when all
+        the waiting ones are paused."""
+        job = self.job
+        if job.status != JobStatus.RUNNING or not self.items:
+            return job.status.value
+        active = [i for i in self.items if i.status in ACTIVE_STATUSES]
+        if any(i.status == JobStatus.RUNNING and i.lease.owner for i in active):
+            return "running"
+        if active and all(i.pause_requested or i.status == JobStatus.PAUSED for i in active):
+            return "paused"
+        if any(i.status == JobStatus.RETRIABLE for i in active):
+            return "retriable"
+        return "queued" if active else job.status.value
 
     @property
     def exports(self) -> list[ExportItemRecord]:

@@ -83,7 +83,7 @@ class Worker:
 
     @property
     def running_jobs(self) -> list[str]:
-        return list(self._running)
+        return sorted({r.record.id for r in self._running.values()})
 
     async def run(self) -> None:
         log.info("worker.started", extra={"worker": self.name})
@@ -129,8 +129,10 @@ class Worker:
             task = asyncio.create_task(self._process(record, signals), name=f"job-{record.id}")
             running = _Running(task, signals, record)
             running.heartbeat = asyncio.create_task(self._heartbeat(running))
-            self._running[record.id] = running
-            task.add_done_callback(partial(self._finished, record.id))
+            # Keyed by lease: a job this worker lost and took back runs under a new key.
+            key = f"{record.id}:{record.lease.version}"
+            self._running[key] = running
+            task.add_done_callback(partial(self._finished, key))
 
     def _finished(self, job_id: str, _task: asyncio.Task[None]) -> None:
         running = self._running.pop(job_id, None)
@@ -151,7 +153,8 @@ class Worker:
                     record.id, record.lease.version, self.settings.lease_seconds, utcnow()
                 )
             except LeaseLost:
-                log.warning("job.lease_lost", extra={"job": record.id})
+                if not signals.released.is_set():  # not merely the task's own final save
+                    log.warning("job.lease_lost", extra={"job": record.id})
                 signals.lost.set()
                 return
             except Exception:
@@ -193,7 +196,8 @@ class Worker:
         try:
             await task.run()
         except LeaseLost:
-            log.warning("job.lease_lost", extra={"job": record.id})
+            if not signals.lost.is_set():  # the heartbeat has not said so already
+                log.warning("job.lease_lost", extra={"job": record.id})
         except asyncio.CancelledError:
             await shielded(self._release_after_cancel(record))
             raise

@@ -103,6 +103,8 @@ class MemoryOperationDataStore(OperationDataStore):
         saved: Job = self._copy(record)  # type: ignore[assignment]
         saved.cancel_requested = job.cancel_requested
         saved.pause_requested = job.pause_requested
+        if saved.lease.owner is not None:  # while held, the expiry is the heartbeat's
+            saved.lease.expires_at = job.lease.expires_at or saved.lease.expires_at
         self._jobs[record.id] = saved
 
     async def add_children(self, parent: JobRecord, children: Sequence[Job]) -> None:

@@ -47,7 +47,7 @@ def job_summary(view: JobView) -> dict[str, Any]:
         "id": record.id,
         "client": record.client,
         "kind": record.kind,
-        "status": "cancelled" if record.cancel_requested else record.status.value,
+        "status": "cancelled" if record.cancel_requested else view.status,
         "pauseRequested": record.pause_requested,
         "items": len(view.items),
         "itemsDone": view.items_done,

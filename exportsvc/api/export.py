@@ -149,9 +149,7 @@ def manifest(
 def progress_headers(view: JobView) -> dict[str, str]:
     job = view.job
     done, total = view.resources_done, view.total_estimate
-    state = "paused" if job.pause_requested else job.status.value
-    if any(i.status == JobStatus.RETRIABLE for i in view.items):
-        state = "retrying"
+    state = "paused" if job.pause_requested else view.status
     if total is None:
         progress = f"{state}: waiting for a worker"
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,17 +18,19 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Generator, Iterable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 PATIENTS = 60
+LARGE_PATIENTS = 1000  # resilience tests: exports that last seconds at small page sizes
 SEED = 11
 MAX_FILE_BYTES = 100_000  # small, so Observation rolls over into several files
 STARTUP_SECONDS = 30.0
@@ -35,6 +38,7 @@ STOP_SECONDS = 10.0
 POLL_SECONDS = 30.0
 RETRY_AFTER_CAP = 2.0  # honour Retry-After, but never wait longer than this per poll
 ASYNC_HEADERS = {"Prefer": "respond-async", "Accept": "application/fhir+json"}
+T = TypeVar("T")
 
 
 def exportsvc_command() -> list[str]:
@@ -60,6 +64,34 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def job_id_of(status_url: str) -> str:
+    """The job id at the end of a status URL (``.../_operations/export/{id}``)."""
+    return status_url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def wait_until(
+    condition: Callable[[], T | None],
+    what: str | Callable[[], str],
+    timeout: float,
+    interval: float = 0.02,
+) -> T:
+    """Poll ``condition`` until it returns something truthy (returned); fail at the deadline.
+
+    ``what`` describes the awaited condition for the failure message (a callable is
+    evaluated only then, e.g. to show the latest state).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"timed out after {timeout}s waiting for: {what() if callable(what) else what}"
+            )
+        time.sleep(interval)
 
 
 # -- HTTP ---------------------------------------------------------------------------------
@@ -169,6 +201,161 @@ class Store:
                 selected[key] = raw
         return selected
 
+    def write_locked(self) -> bool:
+        """Whether another process holds the database's write lock right now.
+
+        A probe: it takes the lock for an instant if it is free and writes nothing.
+        """
+        with closing(sqlite3.connect(self.path, timeout=0, isolation_level=None)) as db:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc):
+                    return True
+                raise
+            db.execute("ROLLBACK")
+            return False
+
+    _JOB_COLUMNS = (
+        "id",
+        "parent_id",
+        "status",
+        "lease_owner",
+        "lease_version",
+        "lease_expires",
+        "restart_count",
+        "cancel_requested",
+        "pause_requested",
+    )
+
+    def _jobs(self, where: str, *params: object) -> dict[str, dict[str, Any]]:
+        rows = self._query(
+            f"SELECT {', '.join(self._JOB_COLUMNS)}, record FROM jobs WHERE {where} "
+            "ORDER BY created_at",
+            *params,
+        )
+        found = {}
+        for row in rows:
+            job = dict(zip(self._JOB_COLUMNS, row[:-1], strict=True))
+            job["record"] = json.loads(row[-1])
+            found[job["id"]] = job
+        return found
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """A job's row as stored: the control columns plus its record (``record``)."""
+        rows = self._jobs("id = ?", job_id)
+        assert rows, f"no job {job_id!r} in {self.path}"
+        return rows[job_id]
+
+    def units(self, job_id: str) -> dict[str, dict[str, Any]]:
+        """The rows of a job and of its work items (``parent_id``), by id, oldest first."""
+        return self._jobs("id = ? OR parent_id = ?", job_id, job_id)
+
+
+# -- service logs ------------------------------------------------------------------------
+
+_FIELD = re.compile(r"(\w+)=(.*?)(?= \w+=|$)")
+_STAMP = re.compile(r"\d{4}-\d\d-\d\d")
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    """One ``date time LEVEL logger event key=value ...`` line of a service log."""
+
+    source: str  # which process wrote it
+    line_no: int
+    level: str
+    logger: str
+    event: str
+    fields: dict[str, str]
+    line: str
+
+    def number(self, key: str) -> int:
+        return int(self.fields[key])
+
+    def __str__(self) -> str:
+        return f"[{self.source}:{self.line_no}] {self.line}"
+
+
+def parse_log_line(line: str, source: str, line_no: int) -> LogEvent | None:
+    parts = line.split(" ", 5)
+    if len(parts) < 5 or not _STAMP.fullmatch(parts[0]):
+        return None  # a traceback or other continuation line
+    fields = dict(_FIELD.findall(parts[5])) if len(parts) > 5 else {}
+    return LogEvent(source, line_no, parts[2], parts[3], parts[4], fields, line)
+
+
+class LogFile:
+    """A process's stderr log, parsed incrementally as it grows."""
+
+    def __init__(self, path: Path, source: str) -> None:
+        self.path, self.source = path, source
+        self._offset, self._partial, self._lines = 0, b"", 0
+        self._events: list[LogEvent] = []
+
+    def _read_new(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read()
+        self._offset += len(data)
+        *complete, self._partial = (self._partial + data).split(b"\n")
+        for raw in complete:
+            self._lines += 1
+            event = parse_log_line(raw.decode(errors="replace"), self.source, self._lines)
+            if event is not None:
+                self._events.append(event)
+
+    def events(
+        self,
+        event: str | None = None,
+        where: Callable[[LogEvent], bool] | None = None,
+        **match: str,
+    ) -> list[LogEvent]:
+        """Complete lines so far, filtered by event name, ``key=value`` fields and ``where``."""
+        self._read_new()
+        return [
+            e
+            for e in self._events
+            if (event is None or e.event == event)
+            and all(e.fields.get(k) == v for k, v in match.items())
+            and (where is None or where(e))
+        ]
+
+    def wait_for(
+        self,
+        event: str,
+        where: Callable[[LogEvent], bool] | None = None,
+        *,
+        process: subprocess.Popen[bytes] | None = None,
+        timeout: float = 30.0,
+        **match: str,
+    ) -> LogEvent:
+        """The first matching event; fails at the deadline or if ``process`` exits first."""
+
+        def found() -> LogEvent | None:
+            hits = self.events(event, where, **match)
+            if hits:
+                return hits[0]
+            if process is not None and process.poll() is not None:
+                hits = self.events(event, where, **match)  # lines written before the exit
+                if hits:
+                    return hits[0]
+                pytest.fail(
+                    f"{self.source} exited {process.returncode} before logging {event} "
+                    f"{match or ''}:\n{self.tail()}"
+                )
+            return None
+
+        return wait_until(found, lambda: f"{event} {match or ''} in {self.source}", timeout)
+
+    def tail(self, last_lines: int = 200) -> str:
+        if not self.path.exists():
+            return ""
+        lines = self.path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-last_lines:])
+
 
 # -- the server process ------------------------------------------------------------------
 
@@ -182,13 +369,21 @@ class LiveServer:
     stdout_path: Path
     stderr_path: Path
     store: Store = field(init=False)
+    log: LogFile = field(init=False)
     max_file_bytes: int = MAX_FILE_BYTES
 
     def __post_init__(self) -> None:
         self.store = Store(self.data_dir / "exportsvc.sqlite3")
+        self.log = LogFile(self.stderr_path, f"serve {self.base_url}")
+        self.max_file_bytes = int(self.env.get("EXPORTSVC_MAX_FILE_BYTES", MAX_FILE_BYTES))
 
     def url(self, path: str) -> str:
         return self.base_url + path
+
+    def rebase(self, url: str) -> str:
+        """``url`` (of an earlier server on the same data dir) on this server."""
+        parts = urllib.parse.urlsplit(url)
+        return self.url(parts.path + (f"?{parts.query}" if parts.query else ""))
 
     def request(
         self,
@@ -240,6 +435,25 @@ class LiveServer:
         lines = self.stderr_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-last_lines:])
 
+    def admin_job(self, job_id: str) -> dict[str, Any]:
+        """``GET /_admin/jobs/{id}`` (loopback: no token needed)."""
+        response = self.request("GET", f"/_admin/jobs/{job_id}")
+        assert response.status == 200, (response.status, response.body[:500])
+        job: dict[str, Any] = response.json()
+        return job
+
+    def wait_job(
+        self, job_id: str, condition: Callable[[dict[str, Any]], bool], timeout: float = 30.0
+    ) -> dict[str, Any]:
+        """Poll the admin view of a job until ``condition`` holds; return that view."""
+        seen: list[dict[str, Any]] = []
+
+        def check() -> dict[str, Any] | None:
+            seen[:] = [self.admin_job(job_id)]
+            return seen[0] if condition(seen[0]) else None
+
+        return wait_until(check, lambda: f"a condition on job {job_id}; last {seen}", timeout)
+
     def stop(self, timeout: float = STOP_SECONDS) -> int:
         """SIGTERM the process (once), wait up to ``timeout``, then SIGKILL and fail."""
         if self.process.poll() is None:
@@ -256,10 +470,10 @@ class LiveServer:
         return self.process.returncode
 
 
-def seed(data_dir: Path) -> None:
+def seed(data_dir: Path, patients: int = PATIENTS) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
-        [*exportsvc_command(), "seed", "--patients", str(PATIENTS), "--seed", str(SEED)],
+        [*exportsvc_command(), "seed", "--patients", str(patients), "--seed", str(SEED)],
         env=service_env(data_dir),
         capture_output=True,
         text=True,
@@ -276,15 +490,19 @@ def _metadata_answers(base_url: str) -> bool:
         return False
 
 
-def start_server(data_dir: Path, **settings: str) -> LiveServer:
+def start_server(data_dir: Path, with_worker: bool = True, /, **settings: str) -> LiveServer:
+    """``exportsvc serve`` on ``data_dir``; ``with_worker=False``: ``--no-worker``."""
     port = free_port()
     env = service_env(data_dir, **settings)
     logs = data_dir.parent / f"{data_dir.name}-logs-{port}"
     logs.mkdir()
     stdout_path, stderr_path = logs / "stdout.txt", logs / "stderr.txt"
+    command = [*exportsvc_command(), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    if not with_worker:
+        command.append("--no-worker")
     with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
         process = subprocess.Popen(
-            [*exportsvc_command(), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            command,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
@@ -318,6 +536,14 @@ def seeded_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return template
 
 
+@pytest.fixture(scope="session")
+def large_seeded_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``LARGE_PATIENTS`` patients, seeded once per session; copy it before use."""
+    template = tmp_path_factory.mktemp("seeded-large") / "data"
+    seed(template, LARGE_PATIENTS)
+    return template
+
+
 @pytest.fixture(scope="module")
 def live_server(
     seeded_template: Path, tmp_path_factory: pytest.TempPathFactory
@@ -333,7 +559,8 @@ def live_server(
 class ServerFactory:
     """Starts servers for one test: ``start(data_dir=None, **settings)``.
 
-    Without ``data_dir`` a fresh copy of the seeded data is used.
+    Without ``data_dir`` a fresh copy of the seeded data is used. ``api_only(...)`` starts
+    ``serve --no-worker`` the same way (run ``exportsvc worker`` processes beside it).
     """
 
     def __init__(self, template: Path, workdir: Path) -> None:
@@ -341,10 +568,18 @@ class ServerFactory:
         self.servers: list[LiveServer] = []
 
     def __call__(self, data_dir: Path | None = None, /, **settings: str) -> LiveServer:
+        return self._start(data_dir, True, settings)
+
+    def api_only(self, data_dir: Path | None = None, /, **settings: str) -> LiveServer:
+        return self._start(data_dir, False, settings)
+
+    def _start(
+        self, data_dir: Path | None, with_worker: bool, settings: Mapping[str, str]
+    ) -> LiveServer:
         if data_dir is None:
             data_dir = self.workdir / f"data-{len(self.servers)}"
             shutil.copytree(self.template, data_dir)
-        server = start_server(data_dir, **settings)
+        server = start_server(data_dir, with_worker, **settings)
         self.servers.append(server)
         return server
 
@@ -358,19 +593,141 @@ def start_exportsvc(seeded_template: Path, tmp_path: Path) -> Iterator[ServerFac
         stop_and_check(server)
 
 
+# -- worker processes (``exportsvc worker``: no API) --------------------------------------
+
+
+@dataclass
+class LiveWorker:
+    """An ``exportsvc worker`` on a server's data dir and settings, with its own log."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    stderr_path: Path
+    log: LogFile = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = LogFile(self.stderr_path, self.name)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def state(self) -> str:
+        """The process state letter from ``/proc`` (``T``: stopped); ``""`` once gone."""
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
+        except OSError:
+            return ""
+        return stat.rsplit(")", 1)[1].split()[0]
+
+    def wait_for(
+        self,
+        event: str,
+        where: Callable[[LogEvent], bool] | None = None,
+        *,
+        timeout: float = 30.0,
+        **match: str,
+    ) -> LogEvent:
+        """The first ``event`` in this worker's log; fails if the worker exits first."""
+        return self.log.wait_for(event, where, process=self.process, timeout=timeout, **match)
+
+    def signal(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to this worker's process (by its pid), if it still runs."""
+        if self.running:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        """``kill -9`` and reap."""
+        self.signal(signal.SIGKILL)
+        self.process.wait(timeout=STOP_SECONDS)
+
+    def stop(self, timeout: float = STOP_SECONDS) -> int:
+        """SIGTERM (drain), wait up to ``timeout``, then SIGKILL and fail."""
+        self.signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(
+                f"{self.name} (pid {self.pid}) ignored SIGTERM for {timeout}s and was "
+                f"killed; stderr:\n{self.stderr()}"
+            )
+        return self.process.returncode
+
+    def stderr(self, last_lines: int = 200) -> str:
+        return self.log.tail(last_lines)
+
+
+class WorkerFactory:
+    """Starts ``exportsvc worker`` processes beside a server: ``start(server, **settings)``.
+
+    Each worker gets the server's environment (same data dir and settings, plus
+    ``settings``) and its own stderr log. Whatever still runs at teardown is continued
+    (if stopped) and killed, by pid.
+    """
+
+    def __init__(self) -> None:
+        self.workers: list[LiveWorker] = []
+
+    def __call__(self, server: LiveServer, **settings: str) -> LiveWorker:
+        env = dict(server.env)
+        env.update({f"EXPORTSVC_{name.upper()}": value for name, value in settings.items()})
+        name = f"worker-{len(self.workers) + 1}"
+        logs = server.stderr_path.parent
+        stderr_path = logs / f"{name}.stderr.txt"
+        with (logs / f"{name}.stdout.txt").open("wb") as stdout, stderr_path.open("wb") as stderr:
+            process = subprocess.Popen(
+                [*exportsvc_command(), "worker"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+            )
+        worker = LiveWorker(f"{name} (pid {process.pid})", process, stderr_path)
+        self.workers.append(worker)
+        return worker
+
+    def cleanup(self) -> None:
+        for worker in self.workers:
+            if worker.running:
+                worker.signal(signal.SIGCONT)
+                worker.kill()
+
+
+@pytest.fixture
+def start_worker() -> Iterator[WorkerFactory]:
+    factory = WorkerFactory()
+    yield factory
+    factory.cleanup()
+
+
+WORKER_LOG_LINES = 60  # per worker in a failure report: a crash test starts dozens
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Attach the stderr of every server a failed test used to its report."""
+    """Attach the stderr of every server and worker a failed test used to its report."""
     report = yield
     if report.failed:
         servers: list[LiveServer] = []
+        workers: list[LiveWorker] = []
         for value in getattr(item, "funcargs", {}).values():
             if isinstance(value, LiveServer):
                 servers.append(value)
             elif isinstance(value, ServerFactory):
                 servers.extend(value.servers)
+            elif isinstance(value, WorkerFactory):
+                workers.extend(value.workers)
         for server in servers:
             report.sections.append((f"exportsvc stderr ({server.base_url})", server.stderr()))
+        for worker in workers:
+            report.sections.append(
+                (f"exportsvc {worker.name} stderr", worker.stderr(WORKER_LOG_LINES))
+            )
     return report

@@ -177,3 +177,17 @@ async def test_save_resets_restart_count(operations: OperationDataStore) -> None
     await operations.save(stored)
     again = await operations.acquire("w3", 30, now + timedelta(seconds=62))
     assert again is not None and again.restart_count == 0
+
+
+async def test_a_checkpoint_keeps_the_renewed_lease(operations: OperationDataStore) -> None:
+    record, _ = await operations.create_job(job(), max_active_per_client=5)
+    start = utcnow()
+    leased = await operations.acquire("w", 10, start)
+    assert leased is not None
+    # The heartbeat renews the lease; the worker's copy still holds the first expiry.
+    await operations.heartbeat(record.id, leased.lease.version, 10, start + timedelta(seconds=8))
+    leased.last_error = "a checkpoint"
+    await operations.save(leased)
+    assert await operations.acquire("thief", 10, start + timedelta(seconds=12)) is None
+    taken = await operations.acquire("next", 10, start + timedelta(seconds=19))
+    assert taken is not None and taken.restart_count == 1

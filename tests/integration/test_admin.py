@@ -95,7 +95,8 @@ async def test_a_failed_job_retried_resumes_from_its_checkpoint(settings: Settin
 
         broken, served = False, 0
         status, body = await admin(session, "POST", f"/jobs/{job_id}/retry")
-        assert status == 202 and body["status"] == "running" and body["failureCount"] == 0
+        assert status == 202 and body["status"] in ("queued", "running")
+        assert body["failureCount"] == 0
         _, manifest = await finished(session, status_url)
         done = await operations.get(job_id)
         assert done is not None and done.status == JobStatus.COMPLETED

@@ -76,7 +76,8 @@ RETURNING cancel_requested, pause_requested;
 UPDATE jobs SET
     status = $3,
     lease_owner = $4,
-    lease_expires = $5,
+    -- While the lease is held its expiry belongs to the heartbeat; a release clears it.
+    lease_expires = CASE WHEN $4::text IS NULL THEN NULL ELSE coalesce(lease_expires, $5) END,
     retry_after = $6,
     restart_count = $7,
     record = $8

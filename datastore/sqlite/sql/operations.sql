@@ -52,10 +52,11 @@ WHERE id = :id AND lease_version = :version AND status = 'running'
 RETURNING cancel_requested, pause_requested;
 
 -- name: save
+-- While the lease is held its expiry belongs to the heartbeat; a release clears it.
 UPDATE jobs SET
     status = :status,
     lease_owner = :owner,
-    lease_expires = :expires,
+    lease_expires = CASE WHEN :owner IS NULL THEN NULL ELSE coalesce(lease_expires, :expires) END,
     retry_after = :retry_after,
     restart_count = :restart_count,
     record = :record
