@@ -23,7 +23,7 @@ setup: $(BIN)/exportsvc
 
 run: setup
 	$(BIN)/exportsvc seed --patients $(PATIENTS) --if-empty
-	$(BIN)/exportsvc serve --host $(HOST) --port $(PORT)
+	EXPORTSVC_AUTH=$${EXPORTSVC_AUTH:-off} $(BIN)/exportsvc serve --host $(HOST) --port $(PORT)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -14,6 +14,7 @@ from aiohttp import web
 from datastore.postgres import SchemaError
 from exportsvc import logs
 from exportsvc.api import create_app
+from exportsvc.auth.app import AuthConfigError
 from exportsvc.import_client import run_import
 from exportsvc.records import ExportJobRecord, ImportBatchRecord, ImportJobRecord
 from exportsvc.runtime import open_runtime, stores
@@ -164,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args, settings)
     except SchemaError as exc:
         print(f"exportsvc: {exc.message}", file=sys.stderr)
+        return 2
+    except AuthConfigError as exc:
+        print(f"exportsvc: {exc}", file=sys.stderr)
         return 2
 
 

@@ -40,6 +40,16 @@ class NotSupported(InvalidRequest):
     code = "not-supported"
 
 
+class Unauthorized(ExportSvcError):
+    """This request needs a valid access token: Authorization: Bearer <token>."""
+
+    status = 401
+    code = "login"
+
+    def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer", **(headers or {})})
+
+
 class Forbidden(ExportSvcError):
     """This client may not do that."""
 
@@ -101,6 +111,14 @@ class DestinationConflict(DestinationError):
 class SecretNotFound(ExportSvcError):
     """The job's destination secret is missing."""
 
+    retriable = True
+
+
+class KeysUnavailable(ExportSvcError):
+    """The key set that verifies this token could not be fetched; retry later."""
+
+    status = 503
+    code = "transient"
     retriable = True
 
 

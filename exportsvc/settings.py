@@ -6,9 +6,12 @@ Each field is documented in the README's settings table; keep the two in step.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from exportsvc.auth.clients import ClientRegistration
 
 
 class Settings(BaseSettings):
@@ -42,6 +45,26 @@ class Settings(BaseSettings):
 
     admin_token: SecretStr | None = None
     """Bearer token for ``/_admin``; when unset, only loopback clients may use it."""
+
+    # authorization (exportsvc.auth)
+    auth: Literal["smart", "external", "off"] = "smart"
+    """``smart``: SMART Backend Services, tokens from ``POST /auth/token``; ``external``:
+    bearer tokens of an external issuer (Entra ID...); ``off``: none (local use only)."""
+    auth_clients: list[ClientRegistration] = Field(default_factory=list)
+    """smart: registered clients, JSON list of ``{client_id, jwks | jwks_url, scopes}``."""
+    auth_client_jwks_urls: list[str] = Field(default_factory=list)
+    """smart: the only URLs client key sets (``jwks_url``) are fetched from, JSON list."""
+    auth_token_key: SecretStr | None = None
+    """smart: HS256 key (32+ characters) signing access tokens; unset: random per process."""
+    auth_token_seconds: int = Field(default=300, ge=60, le=300)
+    auth_replay_cache_size: int = Field(default=100_000, ge=100)
+    """smart: assertion ``jti`` values remembered at once (per process)."""
+    auth_issuer: str | None = None
+    """external: the tokens' ``iss``."""
+    auth_audience: list[str] = Field(default_factory=list)
+    """external: accepted ``aud`` values, JSON list."""
+    auth_issuer_jwks_url: str | None = None
+    """external: the issuer's JWK Set URL, the only one fetched for it."""
 
     # import
     import_root: Path | None = None

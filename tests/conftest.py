@@ -28,7 +28,7 @@ def azurite() -> Iterator[Azurite]:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", max_file_bytes=4096, block_bytes=1024)
+    return Settings(data_dir=tmp_path / "data", max_file_bytes=4096, block_bytes=1024, auth="off")
 
 
 BACKENDS = ["memory", "sqlite", "postgres"]

@@ -18,6 +18,8 @@ from exportsvc.api.keys import (
     WORKER,
 )
 from exportsvc.api.outcome import outcome_middleware
+from exportsvc.auth.app import setup_auth
+from exportsvc.auth.middleware import auth_middleware
 from exportsvc.runtime import open_runtime
 from exportsvc.settings import Settings
 from exportsvc.sources import SourceReader
@@ -25,8 +27,11 @@ from exportsvc.worker import Worker
 
 
 def create_app(settings: Settings, *, with_worker: bool = True) -> web.Application:
-    app = web.Application(middlewares=[outcome_middleware], client_max_size=1 << 20)
+    app = web.Application(
+        middlewares=[outcome_middleware, auth_middleware], client_max_size=1 << 20
+    )
     app[SETTINGS] = settings
+    setup_auth(app, settings)
     app.add_routes(export.routes)
     app.add_routes(metadata.routes)
     app.add_routes(admin.routes)

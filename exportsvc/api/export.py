@@ -23,6 +23,7 @@ from exportsvc.api.keys import (
     visible_job,
 )
 from exportsvc.api.outcome import outcome_response
+from exportsvc.auth.middleware import check_export_types
 from exportsvc.errors import NotFound
 from exportsvc.params import parameters_body, parse_export_request
 from exportsvc.records import (
@@ -37,7 +38,6 @@ from exportsvc.submit import submit_export
 from exportsvc.views import JobView
 
 NDJSON = "application/fhir+ndjson"
-REQUIRES_TOKEN = False  # no authorization is configured yet
 routes = web.RouteTableDef()
 
 
@@ -61,6 +61,9 @@ async def _kickoff(
         accept=request.headers.get("Accept"),
         group_id=group_id,
     )
+    permitted = check_export_types(request, export.types)
+    if permitted is not None and not export.types:
+        export.types = sorted(permitted)  # "every type" = every type the token may read
     app = request.app
     stored, created = await submit_export(
         export,
@@ -119,7 +122,12 @@ async def _view(request: web.Request, job: ExportJobRecord) -> JobView:
 
 
 def manifest(
-    view: JobView, base: str, dest: ExportDestinationClient, expires: datetime
+    view: JobView,
+    base: str,
+    dest: ExportDestinationClient,
+    expires: datetime,
+    *,
+    requires_token: bool = False,
 ) -> dict[str, object]:
     """The completion manifest. Files are signed URLs (read-only, expiring with the
     manifest) where the destination can sign, else served by this service."""
@@ -136,13 +144,16 @@ def manifest(
         return {"type": f.type, "url": url, "count": f.count}
 
     files = view.files
+    output = [entry(f) for f in files if f.role == "output"]
+    error = [entry(f) for f in files if f.role == "error"]
     return {
         "transactionTime": job.transaction_time.isoformat().replace("+00:00", "Z"),
         "request": job.request.request_url,
-        # Served files need a token exactly when this service demands one (no auth yet).
-        "requiresAccessToken": proxied and REQUIRES_TOKEN,
-        "output": [entry(f) for f in files if f.role == "output"],
-        "error": [entry(f) for f in files if f.role == "error"],
+        # Served files need a token exactly when this service demands one (known only
+        # once every entry is made).
+        "requiresAccessToken": proxied and requires_token,
+        "output": output,
+        "error": error,
     }
 
 
@@ -178,7 +189,13 @@ async def export_status(request: web.Request) -> web.Response:
         expires = _expiry(view, request)
         dest = request.app[DESTINATIONS].for_job(job.id, job.request.container)
         return web.json_response(
-            manifest(view, base_url(request), dest, expires),
+            manifest(
+                view,
+                base_url(request),
+                dest,
+                expires,
+                requires_token=request.app[SETTINGS].auth != "off",
+            ),
             headers={"Expires": format_datetime(expires, usegmt=True)},
             dumps=_dumps,
         )

@@ -29,6 +29,7 @@ from exportsvc.api.keys import (
     visible_job,
 )
 from exportsvc.api.outcome import outcome_response
+from exportsvc.auth.middleware import check_import_types
 from exportsvc.errors import Conflict, InvalidRequest
 from exportsvc.fhir.compartment import RESOURCE_TYPES
 from exportsvc.params import parse_prefer
@@ -120,6 +121,7 @@ async def kickoff(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     wanted = parse_import_body(await request.read(), str(request.url))
+    check_import_types(request, [item.type for item in wanted.inputs])
     for n, item in enumerate(wanted.inputs):
         info = await app[SOURCES].stat(item.url)
         if item.etag is not None and item.etag.strip('"') != info.etag:

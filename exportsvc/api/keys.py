@@ -9,6 +9,7 @@ from aiohttp import web
 from datastore.operations import OperationDataStore
 from datastore.resources import ResourceStore
 from destinations import DestinationFactory
+from exportsvc.auth.middleware import CLIENT
 from exportsvc.errors import NotFound
 from exportsvc.records import ExportJobRecord, JobRecord
 from exportsvc.secrets import SecretStore
@@ -28,7 +29,7 @@ SOURCES = web.AppKey("sources", SourceReader)
 
 def client_of(request: web.Request) -> str:
     """The requesting client: with no authorization configured, everyone is anonymous."""
-    return str(request.get("client", "anonymous"))
+    return str(request.get(CLIENT, "anonymous"))
 
 
 def base_url(request: web.Request) -> str:

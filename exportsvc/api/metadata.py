@@ -8,13 +8,14 @@ import orjson
 from aiohttp import web
 
 from exportsvc.api.keys import base_url
+from exportsvc.auth.oauth import capability_security
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT, RESOURCE_TYPES
 
 routes = web.RouteTableDef()
 BULK = "http://hl7.org/fhir/uv/bulkdata"
 
 
-def capability_statement(base: str) -> dict[str, object]:
+def capability_statement(base: str, security: dict[str, object] | None = None) -> dict[str, object]:
     def resource(type_: str) -> dict[str, object]:
         entry: dict[str, object] = {"type": type_, "interaction": []}
         if type_ == "Patient":
@@ -49,6 +50,7 @@ def capability_statement(base: str) -> dict[str, object]:
                 "operation": [
                     {"name": "export", "definition": f"{BULK}/OperationDefinition/export"},
                 ],
+                **({"security": security} if security else {}),
             }
         ],
     }
@@ -57,6 +59,6 @@ def capability_statement(base: str) -> dict[str, object]:
 @routes.get("/metadata")
 async def metadata(request: web.Request) -> web.Response:
     return web.Response(
-        body=orjson.dumps(capability_statement(base_url(request))),
+        body=orjson.dumps(capability_statement(base_url(request), capability_security(request))),
         content_type="application/fhir+json",
     )

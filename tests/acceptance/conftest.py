@@ -53,6 +53,7 @@ def service_env(data_dir: Path, **settings: str) -> dict[str, str]:
     """This process's environment without any EXPORTSVC_* of the caller's, plus ours."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXPORTSVC_")}
     env["EXPORTSVC_DATA_DIR"] = str(data_dir)
+    env["EXPORTSVC_AUTH"] = "off"  # these tests drive the API without tokens
     env["EXPORTSVC_MAX_FILE_BYTES"] = str(MAX_FILE_BYTES)
     env["EXPORTSVC_POLL_INTERVAL_SECONDS"] = "0.2"
     env.update({f"EXPORTSVC_{name.upper()}": value for name, value in settings.items()})

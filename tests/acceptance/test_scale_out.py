@@ -61,6 +61,7 @@ def test_three_workers_share_a_fanned_out_export(
     env |= {
         "EXPORTSVC_DATABASE_URL": dsn,
         "EXPORTSVC_DATA_DIR": str(tmp_path / "data"),
+        "EXPORTSVC_AUTH": "off",
         "EXPORTSVC_SECRET_KEY": "c2NhbGUtb3V0LXRlc3Qta2V5LTAxMjM0NTY3ODkwMTI=",
         "EXPORTSVC_EXPORT_ITEM_RESOURCES": "12000",
         "EXPORTSVC_LEASE_SECONDS": "2",
