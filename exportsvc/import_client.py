@@ -70,6 +70,7 @@ async def run_import(server: str, inputs: list[str], *, type_: str | None, mode:
                     print(f"import failed ({response.status}): {text}", file=sys.stderr)
                     return 1
                 manifest = orjson.loads(text)
+                break
         print(orjson.dumps(manifest, option=orjson.OPT_INDENT_2).decode())
         imported = sum(o["count"] for o in manifest["output"])
         refused = sum(e["count"] for e in manifest["error"])
