@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 PATIENTS ?= 200
 HOST ?= 127.0.0.1
 PORT ?= 8080
+SIZE ?= 100000
+BENCH_ARGS ?=
 
-.PHONY: run test setup lint typecheck pytest clean
+.PHONY: run test setup lint typecheck pytest clean bench
 
 $(BIN)/exportsvc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +38,9 @@ pytest: setup node_modules/.package-lock.json
 	$(BIN)/pytest
 
 test: lint typecheck pytest
+
+bench: setup node_modules/.package-lock.json
+	$(BIN)/python bench/run.py --size $(SIZE) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) node_modules .exportsvc .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,121 @@
+"""What the scenarios of one bench run share: seeded stores, ndjson inputs, Azurite, a
+PostgreSQL cluster, scratch folders, and the results so far.
+
+Everything lives under one temporary folder removed at the end. PostgreSQL is started
+on first use and stopped (``pg_ctl`` on its own data directory) when the run ends;
+Azurite is started afresh for each measurement and ended by its pid after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, run_cli, seed
+from ideal_export import scan_to_files
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tests.azurite import Azurite
+from tests.postgres import PostgresCluster
+
+RESOURCES_PER_PATIENT = 55
+
+
+class Unavailable(Exception):
+    """A scenario's external program (Azurite, PostgreSQL) is not installed."""
+
+
+def patients_for(size: int) -> int:
+    return max(1, round(size / RESOURCES_PER_PATIENT))
+
+
+@dataclass
+class Context:
+    size: int
+    work: Path
+    repeat: int = 1
+    kickoff_size: int = 400_000
+    memory_reference_size: int = 100_000
+    drain_trials: int = 3
+    settings: dict[str, str] = field(default_factory=dict)
+    """Extra ``EXPORTSVC_*`` settings (lower-case, no prefix) for every service started."""
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    _stores: dict[int, Path] = field(default_factory=dict)
+    _seed_output: dict[int, str] = field(default_factory=dict)
+    _inputs: dict[int, Path] = field(default_factory=dict)
+    _postgres: PostgresCluster | None = None
+    _names: itertools.count[int] = field(default_factory=itertools.count)
+
+    def close(self) -> None:
+        self.stack.close()
+
+    def scratch(self, name: str) -> Path:
+        """A new empty folder; the caller removes it (or the run's end does)."""
+        path = self.work / f"{name}-{next(self._names)}"
+        path.mkdir(parents=True)
+        return path
+
+    def store(self, size: int) -> Path:
+        """A data dir seeded with about ``size`` resources (``exportsvc seed``); cached."""
+        patients = patients_for(size)
+        if patients not in self._stores:
+            path = self.work / f"store-{patients}p"
+            self._seed_output[patients] = seed(path, patients)
+            self._stores[patients] = path
+        return self._stores[patients]
+
+    def seed_note(self, size: int) -> str:
+        self.store(size)
+        return self._seed_output[patients_for(size)]
+
+    def copy_store(self, size: int, name: str) -> Path:
+        data = self.scratch(name)
+        shutil.copytree(self.store(size), data, dirs_exist_ok=True)
+        return data
+
+    def inputs(self, size: int) -> Path:
+        """ndjson files of the store of ``size`` (one per type, as loop (a) writes them)."""
+        patients = patients_for(size)
+        if patients not in self._inputs:
+            path = self.work / f"inputs-{patients}p"
+            scan_to_files(self.store(size) / "exportsvc.sqlite3", path)
+            self._inputs[patients] = path
+        return self._inputs[patients]
+
+    @contextlib.contextmanager
+    def azurite(self) -> Iterator[Azurite]:
+        """A fresh in-memory Azurite for one measurement: an emulator that has already
+        taken (and deleted) gigabytes runs slower, which would favour whatever ran first."""
+        with contextlib.ExitStack() as stack:
+            yield self._start(Azurite, "Azurite", stack)
+
+    def postgres(self) -> PostgresCluster:
+        if self._postgres is None:
+            self._postgres = self._start(PostgresCluster, "PostgreSQL")
+        return self._postgres
+
+    def _start(self, kind: Any, name: str, stack: contextlib.ExitStack | None = None) -> Any:
+        import pytest  # the helpers in tests/ skip through pytest when a program is missing
+
+        try:
+            return (stack or self.stack).enter_context(kind())
+        except pytest.skip.Exception as exc:
+            raise Unavailable(f"{name} is not available: {exc}") from exc
+
+    def new_database(self) -> str:
+        """A fresh PostgreSQL database with the service's schema (``exportsvc migrate``)."""
+        cluster = self.postgres()
+        dsn = cluster.create_database(f"bench_{next(self._names)}")
+        folder = self.scratch("migrate")
+        run_cli(folder, "migrate", database_url=dsn)
+        shutil.rmtree(folder)
+        return dsn

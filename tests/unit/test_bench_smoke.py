@@ -1,0 +1,85 @@
+"""The benchmarks run once at a tiny size, so they cannot rot (no speed is asserted).
+
+``bench/run.py`` runs as a subprocess with every scenario, a store of a few hundred
+resources and a temporary results folder; the test checks only that it wrote a
+well-formed result with every scenario in it, each ``ok`` (Azurite and PostgreSQL may be
+``skipped`` where they are not installed, but not under CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN = ROOT / "bench" / "run.py"
+SCENARIOS = (
+    "ideal_fs",
+    "ideal_azure",
+    "ideal_azure_sequential",
+    "ideal_import_sqlite",
+    "ideal_import_postgres",
+    "export_fs",
+    "export_azure",
+    "kickoff",
+    "import_sqlite",
+    "import_postgres",
+    "memory",
+    "drain",
+    "scale",
+)
+NEEDS_EXTERNAL = {
+    "ideal_azure",
+    "ideal_azure_sequential",
+    "export_azure",
+    "ideal_import_postgres",
+    "import_postgres",
+}
+
+
+def test_bench_runs_every_scenario_at_a_tiny_size(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(RUN),
+            "--size",
+            "300",
+            "--kickoff-size",
+            "300",
+            "--memory-reference-size",
+            "300",
+            "--drain-trials",
+            "1",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [path] = out.glob("*-300.json")
+    result = json.loads(path.read_text())
+    assert result["size"] == 300
+    assert {"cores", "memory_gib", "python"} <= result["machine"].keys()
+    assert list(result["scenarios"]) == list(SCENARIOS)
+    strict = bool(os.environ.get("CI"))
+    for name, scenario in result["scenarios"].items():
+        allowed = {"ok"} if strict or name not in NEEDS_EXTERNAL else {"ok", "skipped"}
+        assert scenario["status"] in allowed, (name, scenario)
+        for t in scenario.get("targets", []):
+            assert {"metric", "value", "op", "target", "met"} <= t.keys()
+    measured = [n for n, s in result["scenarios"].items() if "resources" in s]
+    for name in measured:
+        scenario = result["scenarios"][name]
+        assert scenario["resources"] > 0 and scenario["bytes"] > 0 and scenario["seconds"] > 0, name
+    assert result["scenarios"]["export_fs"]["resources"] == result["resources"]
+    assert result["scenarios"]["export_fs"]["peak_rss_mb"] > 0
+    assert list(tmp_path.iterdir()) == [out]  # the run removed its temporary folders
