@@ -88,7 +88,12 @@ class MemoryOperationDataStore(OperationDataStore):
         self, job_id: str, version: int, lease_seconds: float, now: datetime
     ) -> JobControl:
         job = self._jobs.get(job_id)
-        if job is None or job.lease.version != version or job.status != JobStatus.RUNNING:
+        if (
+            job is None
+            or job.lease.version != version
+            or job.status != JobStatus.RUNNING
+            or job.lease.owner is None
+        ):
             raise LeaseLost()
         job.lease.expires_at = now + timedelta(seconds=lease_seconds)
         return JobControl(job.cancel_requested, job.pause_requested)

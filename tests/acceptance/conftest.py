@@ -7,6 +7,8 @@ A failing test gets the server's stderr attached as a report section.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
 import re
@@ -20,6 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -27,7 +30,10 @@ from email.message import Message
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
 import pytest
+
+from tests.postgres import PostgresCluster
 
 PATIENTS = 60
 LARGE_PATIENTS = 1000  # resilience tests: exports that last seconds at small page sizes
@@ -732,3 +738,131 @@ def pytest_runtest_makereport(
                 (f"exportsvc {worker.name} stderr", worker.stderr(WORKER_LOG_LINES))
             )
     return report
+
+
+# -- more backends: seeded SQLite templates of any size, PostgreSQL ------------------------
+
+
+class SeededTemplates:
+    """Seeded data dirs by patient count, each seeded once per session: ``templates(n)``.
+
+    A template is shared: copy it before use (``shutil.copytree``).
+    """
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._factory = tmp_path_factory
+        self._made: dict[int, Path] = {}
+
+    def __call__(self, patients: int) -> Path:
+        if patients not in self._made:
+            template = self._factory.mktemp(f"seeded-{patients}") / "data"
+            seed(template, patients)
+            self._made[patients] = template
+        return self._made[patients]
+
+
+@pytest.fixture(scope="session")
+def seeded_templates(tmp_path_factory: pytest.TempPathFactory) -> SeededTemplates:
+    return SeededTemplates(tmp_path_factory)
+
+
+# Every process of a test on PostgreSQL must decrypt the same destination secrets, and
+# the default key file lives in each process's data dir: give them all one key.
+POSTGRES_SECRET_KEY = base64.urlsafe_b64encode(b"acceptance-tests-on-postgresql!!").decode()
+
+
+def postgres_settings(dsn: str) -> dict[str, str]:
+    """Settings (for ``start_exportsvc``, ``start_worker``...) that put both stores in ``dsn``."""
+    return {"database_url": dsn, "secret_key": POSTGRES_SECRET_KEY}
+
+
+def postgres_fetch(dsn: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
+    """One statement on its own connection (asyncpg, ``$1`` placeholders); the rows."""
+
+    async def fetch() -> list[tuple[Any, ...]]:
+        connection = await asyncpg.connect(dsn)
+        try:
+            return [tuple(row) for row in await connection.fetch(sql, *params)]
+        finally:
+            await connection.close()
+
+    return asyncio.run(fetch())
+
+
+@dataclass(frozen=True)
+class PostgresStore(Store):
+    """:class:`Store`, read from a PostgreSQL database (``dsn``; ``path`` names nothing).
+
+    Put it on a server started with :func:`postgres_settings`: ``server.store = ...``.
+    """
+
+    dsn: str = ""
+
+    @classmethod
+    def of(cls, dsn: str) -> PostgresStore:
+        return cls(Path(os.devnull), dsn)
+
+    def _query(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        numbers = iter(range(1, len(params) + 1))
+        return postgres_fetch(self.dsn, re.sub(r"\?", lambda _: f"${next(numbers)}", sql), *params)
+
+    def current(self, types: Iterable[str] | None = None) -> dict[Key, bytes]:
+        wanted = set(types) if types is not None else None
+        rows = self._query(
+            "SELECT type, id, raw FROM resources "
+            "WHERE next_seq IS NULL AND NOT deleted AND raw IS NOT NULL"
+        )
+        return {(t, i): bytes(raw) for t, i, raw in rows if wanted is None or t in wanted}
+
+    def write_locked(self) -> bool:
+        raise NotImplementedError("a SQLite question: PostgreSQL has no database write lock")
+
+
+class PostgresDatabases:
+    """New databases on the session's cluster, migrated and seeded: ``databases(n)`` → DSN.
+
+    The data of each patient count is seeded once, into a template database; every call
+    returns a fresh copy of it (``CREATE DATABASE ... TEMPLATE``), so tests do not share
+    a store. ``databases(0)``: migrated and empty.
+    """
+
+    def __init__(self, cluster: PostgresCluster, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.cluster = cluster
+        self._factory = tmp_path_factory
+        self._templates: set[str] = set()
+
+    def __call__(self, patients: int = 0) -> str:
+        template = self._template(patients)
+        name = f"t_{uuid.uuid4().hex[:20]}"
+        postgres_fetch(self.cluster.dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        return self.cluster.dsn_for(name)
+
+    def _template(self, patients: int) -> str:
+        name = f"seeded_{patients}"
+        if name in self._templates:
+            return name
+        dsn = self.cluster.create_database(name)
+        data_dir = self._factory.mktemp(name) / "data"
+        env = service_env(data_dir, **postgres_settings(dsn))
+        commands = [["migrate"]]
+        if patients:
+            commands.append(["seed", "--patients", str(patients), "--seed", str(SEED)])
+        for command in commands:
+            done = subprocess.run(
+                [*exportsvc_command(), *command],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            assert done.returncode == 0, f"exportsvc {command[0]}: {done.stdout}{done.stderr}"
+        self._templates.add(name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def postgres_databases(
+    postgres: PostgresCluster, tmp_path_factory: pytest.TempPathFactory
+) -> PostgresDatabases:
+    return PostgresDatabases(postgres, tmp_path_factory)

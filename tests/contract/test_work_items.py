@@ -12,6 +12,9 @@ from datastore.operations import OperationDataStore
 from datastore.resources import Origin, ResourceStore, WriteResult
 from exportsvc.errors import LeaseLost
 from exportsvc.records import (
+    ExportJobRecord,
+    ExportKind,
+    ExportRequest,
     ImportBatchRecord,
     ImportInput,
     ImportJobRecord,
@@ -166,3 +169,26 @@ async def test_write_and_checkpoint_share_a_transaction(
     with pytest.raises(LeaseLost):
         await resources.write([patient("zombie", "Z")], checkpoint=checkpoint)
     assert await resources.read("Patient", "zombie") is None
+
+
+async def test_a_released_parent_is_not_renewed_by_a_late_heartbeat(
+    operations: OperationDataStore,
+) -> None:
+    request = ExportRequest(kind=ExportKind.SYSTEM, request_url="http://x/$export")
+    parent = ExportJobRecord(
+        id=uuid.uuid4().hex,
+        client="c1",
+        request=request,
+        fingerprint=request.fingerprint(),
+        transaction_time=utcnow(),
+        snapshot_seq=0,
+    )
+    await operations.create_job(parent, max_active_per_client=5)
+    leased = await operations.acquire("planner", 30, utcnow())
+    assert leased is not None
+    leased.lease.owner = None  # planned: it follows its items now, with no lease
+    leased.lease.expires_at = None
+    await operations.add_children(leased, [])
+    with pytest.raises(LeaseLost):
+        await operations.heartbeat(leased.id, leased.lease.version, 30, utcnow())
+    assert await operations.acquire("w", 30, utcnow() + timedelta(seconds=3600)) is None

@@ -68,7 +68,7 @@ RETURNING jobs.record, jobs.status, jobs.lease_owner, jobs.lease_version, jobs.l
 
 -- name: heartbeat
 UPDATE jobs SET lease_expires = $3
-WHERE id = $1 AND lease_version = $2 AND status = 'running'
+WHERE id = $1 AND lease_version = $2 AND status = 'running' AND lease_owner IS NOT NULL
 RETURNING cancel_requested, pause_requested;
 
 -- name: save

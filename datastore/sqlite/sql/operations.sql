@@ -49,6 +49,7 @@ RETURNING record, status, lease_owner, lease_version, lease_expires, restart_cou
 -- name: heartbeat
 UPDATE jobs SET lease_expires = :expires
 WHERE id = :id AND lease_version = :version AND status = 'running'
+  AND lease_owner IS NOT NULL  -- a released lease (a planned export) is renewed by no one
 RETURNING cancel_requested, pause_requested;
 
 -- name: save
