@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from datetime import timedelta
 
-from exportsvc.records import ExportJobRecord, JobStatus
+from exportsvc.records import ExportJobRecord, JobStatus, utcnow
+from exportsvc.tasks import JobSignals
 from exportsvc.worker import Worker, backoff_seconds
 from tests.integration.conftest import Harness
 
@@ -99,3 +101,22 @@ def test_backoff_grows_with_jitter(harness: Harness) -> None:
         ceiling = min(60, 2 * 2 ** (n - 1))
         assert ceiling / 2 <= delay <= ceiling
     assert len({round(d, 6) for d in delays}) == len(delays)
+
+
+async def test_a_job_that_keeps_crashing_fails_with_a_reason(harness: Harness) -> None:
+    job = await harness.submit(types=["Patient"])
+    await harness.plan()
+    operations = harness.runtime.operations
+    start = utcnow()
+    leased = None
+    for n in range(3):  # three workers take it in turn and die without a trace
+        leased = await operations.acquire(f"dies-{n}", 1, start + timedelta(seconds=2 * n))
+        assert leased is not None
+    assert leased is not None and leased.restart_count == 2
+    w = worker(harness, max_restarts=1)
+    await w._process(leased, JobSignals())
+    view = await harness.view(job.id)
+    (item,) = view.items
+    assert item.status == JobStatus.FAILED and view.job.status == JobStatus.FAILED
+    assert "interrupted 2 times" in (item.last_error or "")
+    assert "avoid looping forever" in (item.last_error or "")
