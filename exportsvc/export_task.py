@@ -99,6 +99,7 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
         record.lease.owner = None
         record.lease.expires_at = None
         await shielded(self.operations.add_children(record, items))
+        self.signals.released.set()  # the lease is given back: no heartbeat owes it
         await self._forget_secret()
         await self.operations.settle(record.id)  # an export of nothing is complete
 
