@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from datastore.operations import OperationDataStore
 from exportsvc.records import (
     ACTIVE_STATUSES,
     ExportItemRecord,
@@ -99,3 +100,14 @@ class JobView:
     @property
     def items_done(self) -> int:
         return sum(i.status == JobStatus.COMPLETED for i in self.items)
+
+
+async def settled_view(operations: OperationDataStore, job: Job) -> JobView:
+    """The job with its items, settled again if it still says ``running`` though every
+    item has ended (a worker that died between an item's final save and the settle)."""
+    items = await operations.children(job.id)
+    ended = items and all(i.status not in ACTIVE_STATUSES for i in items)
+    if job.status == JobStatus.RUNNING and not job.lease.owner and ended:
+        await operations.settle(job.id)
+        job = await operations.get(job.id) or job
+    return JobView(job, items)

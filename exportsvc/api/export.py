@@ -35,7 +35,7 @@ from exportsvc.records import (
     utcnow,
 )
 from exportsvc.submit import submit_export
-from exportsvc.views import JobView
+from exportsvc.views import JobView, settled_view
 
 NDJSON = "application/fhir+ndjson"
 routes = web.RouteTableDef()
@@ -118,7 +118,7 @@ def _expiry(view: JobView, request: web.Request) -> datetime:
 
 
 async def _view(request: web.Request, job: ExportJobRecord) -> JobView:
-    return JobView(job, await request.app[OPERATIONS].children(job.id))
+    return await settled_view(request.app[OPERATIONS], job)
 
 
 def manifest(
@@ -183,8 +183,9 @@ def progress_headers(view: JobView) -> dict[str, str]:
 
 @routes.get("/_operations/export/{job_id}")
 async def export_status(request: web.Request) -> web.Response:
-    job = await _visible_job(request)
-    view = await _view(request, job)
+    view = await _view(request, await _visible_job(request))
+    job = view.job
+    assert isinstance(job, ExportJobRecord)
     if job.status == JobStatus.COMPLETED:
         expires = _expiry(view, request)
         dest = request.app[DESTINATIONS].for_job(job.id, job.request.container)

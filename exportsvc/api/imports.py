@@ -42,6 +42,7 @@ from exportsvc.records import (
     JobStatus,
     utcnow,
 )
+from exportsvc.views import settled_view
 
 routes = web.RouteTableDef()
 NDJSON_FORMATS = {"application/fhir+ndjson", "application/ndjson", "ndjson"}
@@ -228,7 +229,10 @@ def import_status(
 @routes.get("/_operations/import/{job_id}")
 async def status(request: web.Request) -> web.Response:
     parent = await visible_job(request, ImportJobRecord)
-    batches = await request.app[OPERATIONS].children(parent.id)
+    view = await settled_view(request.app[OPERATIONS], parent)
+    batches = view.items
+    assert isinstance(view.job, ImportJobRecord)
+    parent = view.job
     if parent.status == JobStatus.FAILED:
         failed = [b for b in batches if b.status == JobStatus.FAILED]
         reasons = "; ".join(

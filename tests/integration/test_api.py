@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from exportsvc.api import create_app
 from exportsvc.api.keys import OPERATIONS, RESOURCES
+from exportsvc.records import JobStatus
 from exportsvc.seed import generate
 from exportsvc.settings import Settings
 
@@ -199,3 +200,22 @@ async def test_unknown_route_and_method_are_outcomes(
     async with session.get("/_operations/export/" + "x" * 500) as response:
         assert response.status == 404
         await outcome(response)
+
+
+async def test_a_job_left_unsettled_by_a_dead_worker_settles_on_poll(
+    server: tuple[TestServer, ClientSession],
+) -> None:
+    test_server, session = server
+    async with session.get("/$export?_type=Patient", headers=ASYNC) as response:
+        status_url = response.headers["Content-Location"]
+    await finished(session, status_url)
+    operations = test_server.app[OPERATIONS]
+    job = await operations.get(status_url.rsplit("/", 1)[1])
+    assert job is not None
+    # A worker died between its item's final save and the settle of the export.
+    job.status = JobStatus.RUNNING
+    await operations.save(job)
+    _, manifest = await finished(session, status_url)
+    assert manifest["output"][0]["type"] == "Patient"
+    settled = await operations.get(job.id)
+    assert settled is not None and settled.status == JobStatus.COMPLETED
