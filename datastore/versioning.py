@@ -25,7 +25,8 @@ def parse_instant(text: str) -> datetime:
     return moment
 
 
-def _content(resource: Mapping[str, Any]) -> dict[str, Any]:
+def content_without_meta(resource: Mapping[str, Any]) -> dict[str, Any]:
+    """A resource apart from the meta the server assigns (versionId, lastUpdated)."""
     body = dict(resource)
     meta = dict(body.get("meta") or {})
     meta.pop("versionId", None)
@@ -63,11 +64,11 @@ def new_version(
     id_ = resource.get("id")
     if not isinstance(type_, str) or not isinstance(id_, str):
         raise ValueError("a resource needs a string resourceType and id")
-    content = _content(resource)
+    content = content_without_meta(resource)
     if (
         previous is not None
         and previous[1] is not None
-        and _content(orjson.loads(previous[1])) == content
+        and content_without_meta(orjson.loads(previous[1])) == content
     ):
         return None
     version = previous[0] + 1 if previous else 1

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from datastore.resources import MAX_TIME, MIN_TIME, ResourceStore, to_micros
+from datastore.versioning import content_without_meta
 from destinations import ExportDestinationClient
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT, patient_ids
 from exportsvc.fhir.group import member_ids
@@ -196,17 +197,6 @@ def _check_line(
 # -- imports -------------------------------------------------------------------------------
 
 
-def _content(resource: dict[str, Any]) -> dict[str, Any]:
-    """A resource apart from the meta the server assigns."""
-    body = dict(resource)
-    meta = {k: v for k, v in (body.pop("meta", None) or {}).items()}
-    meta.pop("versionId", None)
-    meta.pop("lastUpdated", None)
-    if meta:
-        body["meta"] = meta
-    return body
-
-
 async def validate_import(
     parent: ImportJobRecord,
     batches: list[ImportBatchRecord],
@@ -246,7 +236,7 @@ async def validate_import(
             if isinstance(parsed, str):
                 refused.add((url, number))
             else:
-                expected[(parsed["resourceType"], parsed["id"])] = _content(parsed)
+                expected[(parsed["resourceType"], parsed["id"])] = content_without_meta(parsed)
     for type_, _id in expected:
         report.expected[type_] += 1
     for (type_, id_), content in expected.items():
@@ -255,7 +245,7 @@ async def validate_import(
             report.problem(f"missing: {type_}/{id_}")
             continue
         report.found[type_] += 1
-        if _content(stored) != content:
+        if content_without_meta(stored) != content:
             report.problem(f"{type_}/{id_}: the store holds other content than the input")
     reported: Counter[tuple[str, int]] = Counter()
     for batch in batches:
