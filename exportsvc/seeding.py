@@ -1,65 +1,65 @@
 """``exportsvc seed``: deterministic demo data into the store, fast.
 
-Two processes share the work, one core each: a producer generates the resources and
-prepares each first version (meta, JSON bytes, Patient compartments), and this process
-only inserts them. Preparing is pure Python and would otherwise share one core (the GIL)
-with the inserts.
+Two processes share the work, one core each: a producer (``python -m exportsvc.seed``,
+which imports only the generator) generates the resources and prepares each first
+version (meta, JSON bytes, Patient compartments) and pipes them over in pickled batches;
+this process only inserts them. Preparing is pure Python and would otherwise share one
+core (the GIL) with the inserts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import multiprocessing
-from multiprocessing.queues import Queue
+import pickle
+import subprocess
+import sys
+from typing import IO
 
 from datastore.resources import ResourceStore
-from datastore.versioning import NewVersion, new_version
-from exportsvc.records import utcnow
-from exportsvc.seed import generate
-
-BATCH = 10_000
+from datastore.versioning import NewVersion
+from exportsvc.seed import Prepared
 
 
-Prepared = tuple[str, str, int, int, bytes, frozenset[str]]
-"""A NewVersion as a plain tuple: tuples of str and bytes pickle fast."""
-
-
-def produce(patients: int, seed: int, out: Queue[list[Prepared] | None]) -> None:
-    """The producer process: prepared first versions, in batches, then None."""
-    gc.disable()  # the data makes no reference cycles
-    now = utcnow()
-    batch: list[Prepared] = []
-    for resource in generate(patients, seed=seed):
-        v = new_version(resource, None, now, keep_last_updated=True)
-        assert v is not None
-        batch.append((v.type, v.id, v.version, v.last_updated, v.raw, v.patients))
-        if len(batch) == BATCH:
-            out.put(batch)
-            batch = []
-    if batch:
-        out.put(batch)
-    out.put(None)
+def _next_batch(stream: IO[bytes]) -> list[Prepared] | None:
+    try:
+        batch: list[Prepared] | None = pickle.load(stream)  # our own child's output
+    except EOFError:
+        raise RuntimeError("the seeding process ended before its data did") from None
+    return batch
 
 
 async def seed_store(store: ResourceStore, patients: int, seed: int) -> int:
     """Write the demo data; returns how many versions were created."""
-    context = multiprocessing.get_context("spawn")  # inherits no event loop or threads
-    queue: Queue[list[Prepared] | None] = context.Queue(maxsize=4)
-    producer = context.Process(target=produce, args=(patients, seed, queue), daemon=True)
-    producer.start()
+    command = [sys.executable, "-m", "exportsvc.seed", str(patients), str(seed)]
     loop = asyncio.get_running_loop()
+    producer = await loop.run_in_executor(None, _start, command)
+    assert producer.stdout is not None
     created = 0
-    gc.disable()
+    gc.disable()  # the batches make no reference cycles
     try:
-        while (batch := await loop.run_in_executor(None, queue.get)) is not None:
+        while batch := await loop.run_in_executor(None, _next_batch, producer.stdout):
             versions = [NewVersion(*prepared) for prepared in batch]
             created += (await store.write_versions(versions)).created
     finally:
         gc.enable()
-        producer.join(timeout=10)
-        if producer.is_alive():
+        producer.stdout.close()
+        if producer.poll() is None and await loop.run_in_executor(None, _wait, producer):
             producer.kill()
-    if producer.exitcode:
-        raise RuntimeError(f"the seeding process failed (exit code {producer.exitcode})")
+            producer.wait()
+    if producer.returncode:
+        raise RuntimeError(f"the seeding process failed (exit code {producer.returncode})")
     return created
+
+
+def _start(command: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, stdout=subprocess.PIPE, bufsize=1 << 20)
+
+
+def _wait(process: subprocess.Popen[bytes]) -> bool:
+    """Wait up to 10 s for ``process`` to end; True if it is still running."""
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        return True
+    return False

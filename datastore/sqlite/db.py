@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import re
 import sqlite3
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _SQL = resources.files("datastore.sqlite") / "sql"
 _NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -63,6 +66,43 @@ def _migrate(conn: sqlite3.Connection) -> None:
         raise
 
 
+class _Checkpointer:
+    """Copies the write-ahead log back into the database on a thread and connection of
+    its own, after writes, instead of inside the writer's next COMMIT (SQLite's automatic
+    checkpoint): the copy then overlaps the writer's next transaction. PASSIVE: it never
+    waits for readers or writers, so it can neither block nor deadlock anyone."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._wanted = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name=f"wal-{path.name}", daemon=True)
+        self._thread.start()
+
+    def poke(self) -> None:
+        self._wanted.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wanted.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            while True:
+                self._wanted.wait()
+                self._wanted.clear()
+                if self._closing:
+                    return
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:  # the next write pokes again
+                    log.warning("wal checkpoint of %s failed: %s", self._path.name, exc)
+        finally:
+            conn.close()
+
+
 class SqliteDatabase:
     """One connection on one thread. Both stores of a process share it, so an import
     batch writes its resources and its checkpoint in one transaction; ``open`` and
@@ -72,6 +112,7 @@ class SqliteDatabase:
         self.path = Path(path)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{self.path.name}")
         self._conn: sqlite3.Connection | None = None
+        self._checkpointer: _Checkpointer | None = None
         self._users = 0
 
     async def open(self) -> None:
@@ -81,6 +122,7 @@ class SqliteDatabase:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = await self._submit(self._connect)
         await self.run(_migrate)
+        self._checkpointer = _Checkpointer(self.path)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -90,6 +132,7 @@ class SqliteDatabase:
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA mmap_size = 268435456")
         conn.execute("PRAGMA cache_size = -65536")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # _Checkpointer does it
         return conn
 
     async def _submit(self, fn: Callable[[], T]) -> T:
@@ -100,13 +143,25 @@ class SqliteDatabase:
         conn = self._conn
         if conn is None:
             raise RuntimeError(f"database {self.path} is not open")
-        return await self._submit(lambda: fn(conn))
+        checkpointer = self._checkpointer
+
+        def call() -> T:
+            changes = conn.total_changes
+            result = fn(conn)
+            if checkpointer is not None and conn.total_changes != changes:
+                checkpointer.poke()
+            return result
+
+        return await self._submit(call)
 
     async def close(self) -> None:
         self._users -= 1
         if self._users > 0:
             return
         conn, self._conn = self._conn, None
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            await asyncio.to_thread(checkpointer.close)
         if conn is not None:
             await self._submit(conn.close)
         self._executor.shutdown(wait=True)

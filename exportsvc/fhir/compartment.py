@@ -59,13 +59,22 @@ def _reference_targets(resource: Mapping[str, Any], keys: tuple[str, ...]) -> li
     return nodes
 
 
+_SEEN: dict[str, str | None] = {}
+"""References already parsed: a Patient's resources name it again and again."""
+
+
 def patient_id_of(reference: str) -> str | None:
     """The id in ``[base/]Patient/<id>[/_history/<vid>]``, or None for any other reference."""
+    if reference in _SEEN:
+        return _SEEN[reference]
     head, _, _ = reference.partition("/_history/")
     rtype, slash, rid = head.rpartition("/")
-    if not slash or not (rtype == "Patient" or rtype.endswith("/Patient")):
-        return None
-    return rid if _VALID_ID(rid) else None
+    is_patient = slash and (rtype == "Patient" or rtype.endswith("/Patient"))
+    pid = rid if is_patient and _VALID_ID(rid) else None
+    if len(_SEEN) >= 65_536:
+        _SEEN.clear()
+    _SEEN[reference] = pid
+    return pid
 
 
 def patient_ids(resource: Mapping[str, Any]) -> frozenset[str]:
