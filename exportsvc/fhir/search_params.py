@@ -29,6 +29,8 @@ class SearchParam:
     kind: str
     """token, reference, date, string or uri."""
     expression: Compiled
+    id: str
+    """The R4 SearchParameter id (``http://hl7.org/fhir/SearchParameter/{id}``)."""
     target: tuple[str, ...] = ()
 
 
@@ -42,6 +44,7 @@ def _load() -> dict[str, dict[str, SearchParam]]:
                 base,
                 spec["type"],
                 compile_expression(spec["expression"]),
+                spec["id"],
                 tuple(spec.get("target", ())),
             )
             for name, spec in params.items()
