@@ -5,9 +5,11 @@ the export into work items (one per resource type; sequence ranges of
 ``EXPORTSVC_EXPORT_ITEM_RESOURCES`` for large types) and hands them to the queue in one
 fenced transaction. ``ExportItemTask`` runs an item from its last checkpoint: read a
 page by continuation point, append each resource's stored bytes to the current file
-(rolling at ``max_file_bytes``), and every N pages or T seconds commit every touched file
-and only then persist the checkpoint (``exportsvc.tasks``). Items share the export's
-folder; each owns the files named after its scope.
+(rolling at ``max_file_bytes``; for a type with a ``_typeFilter`` or ``_elements`` the
+page is parsed first, filtered and subsetted: :func:`page_transform`), and every N pages
+or T seconds commit every touched file and only then persist the checkpoint
+(``exportsvc.tasks``). Items share the export's folder; each owns the files named after
+its scope.
 """
 
 from __future__ import annotations

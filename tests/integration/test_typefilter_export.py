@@ -363,3 +363,29 @@ async def test_pages_filtered_out_entirely_still_advance_the_checkpoint(harness:
     assert isinstance(done, ExportItemRecord) and done.status == JobStatus.COMPLETED
     assert [(f.type, f.count) for f in done.output] == [("Observation", 1)]
     assert (await harness.validate(job.id)).ok
+
+
+async def test_group_level_filters_apply_within_the_members_compartments(
+    harness: Harness,
+) -> None:
+    everything = await stored(harness, await harness.runtime.resources.current_seq())
+    group = min(everything["Group"], key=lambda g: len(g["member"]))  # the 5-member pilot
+    members = {m["entity"]["reference"] for m in group["member"]}
+    fields = request_fields(
+        _type=["Observation,Patient"],
+        _typeFilter=["Observation?category=laboratory&date=ge2023"],
+    )
+    job = await harness.submit(ExportKind.GROUP, group_id=group["id"], **fields)
+    await harness.run_all(job.id)
+    output = await exported(harness, job.id)
+    want = {
+        r["id"]
+        for r in everything["Observation"]
+        if r["subject"]["reference"] in members
+        and (CATEGORY, "laboratory") in codings(r["category"])
+        and r["effectiveDateTime"] >= "2023"
+    }
+    assert want and {r["id"] for r in output["Observation"]} == want
+    assert {f"Patient/{r['id']}" for r in output["Patient"]} == members
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()
