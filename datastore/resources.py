@@ -46,6 +46,8 @@ class ExportQuery:
     """Only resources in some Patient's compartment (Patient and Group level)."""
     patients: Sequence[str] | None = None
     """With ``compartment``: only those in one of these Patients' compartments."""
+    ids: Sequence[str] | None = None
+    """Only resources with one of these ids (``_id`` of a ``_typeFilter``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,19 +5,24 @@ the export into work items (one per resource type; sequence ranges of
 ``EXPORTSVC_EXPORT_ITEM_RESOURCES`` for large types) and hands them to the queue in one
 fenced transaction. ``ExportItemTask`` runs an item from its last checkpoint: read a
 page by continuation point, append each resource's stored bytes to the current file
-(rolling at ``max_file_bytes``), and every N pages or T seconds commit every touched file
-and only then persist the checkpoint (``exportsvc.tasks``). Items share the export's
-folder; each owns the files named after its scope.
+(rolling at ``max_file_bytes``; for a type with a ``_typeFilter`` or ``_elements`` the
+page is parsed first, filtered and subsetted: :func:`page_transform`), and every N pages
+or T seconds commit every touched file and only then persist the checkpoint
+(``exportsvc.tasks``). Items share the export's folder; each owns the files named after
+its scope.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
+
+import orjson
 
 from datastore.resources import ExportQuery, ResourceStore, Row
 from exportsvc.errors import InvalidRequest
@@ -32,6 +37,8 @@ from exportsvc.records import (
     OutputFile,
     utcnow,
 )
+from exportsvc.search.elements import elements_for, subset
+from exportsvc.search.matcher import compile_filters
 from exportsvc.tasks import JobSignals, JobTask, outcome_line, shielded
 
 __all__ = ["ExportItemTask", "ExportPlanTask", "JobSignals", "export_query", "shielded"]
@@ -50,14 +57,48 @@ async def export_query(
             raise InvalidRequest(f"Group/{request.group_id} does not exist")
         members = member_ids(group)
         patients = [m for m in members if not request.patients or m in set(request.patients)]
+    since, until, ids = request.since, request.until, None
+    matcher = compile_filters(request.type_filters).get(type_)
+    if matcher is not None:  # what of the _typeFilter the store's columns can decide
+        bounds = matcher.bounds
+        if bounds.since is not None and (since is None or bounds.since > since):
+            since = bounds.since
+        if bounds.until is not None and (until is None or bounds.until < until):
+            until = bounds.until
+        ids = bounds.ids
     return ExportQuery(
         type=type_,
         snapshot_seq=snapshot_seq,
-        since=request.since,
-        until=request.until,
+        since=since,
+        until=until,
         compartment=compartment,
         patients=patients if compartment else None,
+        ids=ids,
     )
+
+
+PageTransform = Callable[[Sequence[Row]], list[bytes]]
+
+
+def page_transform(request: ExportRequest, type_: str) -> PageTransform | None:
+    """What the worker does to a page of ``type_`` beyond copying the stored bytes: the
+    rest of the ``_typeFilter`` (evaluated on the parsed resource) and ``_elements``.
+    None when neither applies: the stored bytes are copied unparsed."""
+    matcher = compile_filters(request.type_filters).get(type_)
+    keep = elements_for(request.elements, type_)
+    if matcher is None and keep is None:
+        return None
+
+    def transform(rows: Sequence[Row]) -> list[bytes]:
+        out: list[bytes] = []
+        for row in rows:
+            resource = orjson.loads(row.raw)
+            if matcher is not None and not matcher.matches(resource):
+                continue
+            out.append(row.raw if keep is None else orjson.dumps(subset(resource, keep)))
+        return out
+
+    return transform
 
 
 class ExportPlanTask(JobTask[ExportJobRecord]):
@@ -168,13 +209,18 @@ class ExportItemTask(JobTask[ExportItemRecord]):
         if record.started_at is None:
             record.started_at = utcnow()
         query = await export_query(self.resources, record.request, record.snapshot_seq, record.type)
+        transform = page_transform(record.request, record.type)
         pages_since_commit, last_commit = 0, time.monotonic()
         while not record.done:
             if await self._stop_requested():
                 return
             page = await self.resources.page(query, record.after_seq, self.settings.page_size)
             rows = [row for row in page.rows if row.seq <= record.seq_max]
-            await self._append(rows)
+            if transform is None:
+                await self._append([row.raw for row in rows])
+            else:  # parsing a page is CPU work: off the event loop
+                await self._append(await asyncio.to_thread(transform, rows))
+            # The continuation point moves past every row read, written or filtered out.
             record.after_seq = rows[-1].seq if rows else record.after_seq
             record.done = page.last or len(rows) < len(page.rows)
             record.resources_done += len(rows)
@@ -194,14 +240,14 @@ class ExportItemTask(JobTask[ExportItemRecord]):
     def _current_file(self) -> OutputFile | None:
         return self.record.output[-1] if self.record.output else None
 
-    async def _append(self, rows: Sequence[Row]) -> None:
-        """Append rows as ndjson, rolling to a new file at ``max_file_bytes``."""
+    async def _append(self, lines: Sequence[bytes]) -> None:
+        """Append resources as ndjson, rolling to a new file at ``max_file_bytes``."""
         limit = self.settings.max_file_bytes
         current = self._current_file()
         chunk: list[bytes] = []
         pending = 0
-        for row in rows:
-            size = len(row.raw) + 1
+        for raw in lines:
+            size = len(raw) + 1
             used = self._sizes[current.name] + pending if current is not None else 0
             if current is None or (used and used + size > limit):
                 if current is not None and chunk:
@@ -209,7 +255,7 @@ class ExportItemTask(JobTask[ExportItemRecord]):
                     chunk, pending = [], 0
                 current = self._new_file(self.record.type)
                 await self.dest.start_file(current)
-            chunk.append(row.raw)
+            chunk.append(raw)
             pending += size
         if current is not None and chunk:
             await self._flush(current, chunk)

@@ -17,6 +17,14 @@ import orjson
 from exportsvc.errors import InvalidRequest, NotSupported
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT, RESOURCE_TYPES
 from exportsvc.records import ExportKind, ExportRequest
+from exportsvc.search.matcher import FilterError
+from exportsvc.search.model import TypeFilter
+from exportsvc.search.parse import (
+    ElementsError,
+    parse_elements,
+    parse_type_filter,
+    split_type_filters,
+)
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 # Azure container names: 3-63 of a-z 0-9 -, starting and ending with a letter or digit,
@@ -26,14 +34,13 @@ OUTPUT_FORMATS = {"application/fhir+ndjson", "application/ndjson", "ndjson"}
 ACCEPTABLE = {"application/fhir+json", "application/json", "application/json+fhir", "*/*"}
 # Bulk Data parameters we know but do not implement yet (see the README).
 UNSUPPORTED = {
-    "_typeFilter",
-    "_elements",
     "includeAssociatedData",
     "organizeOutputBy",
     "allowPartialManifests",
 }
 SINGLE = {"_outputFormat", "_since", "_until", "_container"}
 KNOWN = {"_outputFormat", "_type", "_since", "_until", "patient", "_container"}
+KNOWN |= {"_typeFilter", "_elements"}
 
 
 def parse_prefer(header: str | None) -> set[str]:
@@ -126,6 +133,42 @@ def _patients(values: Sequence[str], kind: ExportKind, method: str) -> list[str]
     return ids
 
 
+def _type_filters(
+    values: Sequence[str], types: Sequence[str], lenient: bool, notes: list[str]
+) -> list[TypeFilter]:
+    """Each ``_typeFilter`` query, parsed and checked. A query the server cannot evaluate
+    is refused (``400``), or with lenient handling ignored and noted. A query for a type
+    that ``_type`` leaves out is kept but noted: ``_type`` already excludes that type, so
+    the filter changes nothing (the Bulk Data processing model applies ``_type`` first)."""
+    queries: list[TypeFilter] = []
+    for text in split_type_filters(values):
+        try:
+            query = parse_type_filter(text)
+        except FilterError as exc:
+            problem = f"_typeFilter {text[:200]!r}: {exc}"
+            if not lenient:
+                raise (NotSupported if exc.unsupported else InvalidRequest)(problem) from exc
+            notes.append(f"{problem}; it was ignored (Prefer: handling=lenient)")
+            continue
+        if types and query.type not in types:
+            notes.append(
+                f"_typeFilter {text[:200]!r} is for {query.type}, which _type does not "
+                f"include: the export contains no {query.type}"
+            )
+        queries.append(query)
+    return queries
+
+
+def _elements(values: Sequence[str], lenient: bool, notes: list[str]) -> list[str]:
+    try:
+        return parse_elements(values)
+    except ElementsError as exc:
+        if not lenient:
+            raise InvalidRequest(str(exc)) from exc
+        notes.append(f"{exc}; _elements was ignored (Prefer: handling=lenient)")
+        return []
+
+
 def parse_export_request(
     kind: ExportKind,
     pairs: Iterable[tuple[str, str]],
@@ -177,10 +220,13 @@ def parse_export_request(
             f"_container {container[:80]!r} is not a valid container name: 3-63 lowercase "
             "letters, digits and single hyphens, starting and ending with a letter or digit"
         )
+    types = _types(values.get("_type", []), kind, ignored)
+    type_filters = _type_filters(values.get("_typeFilter", []), types, lenient, ignored)
+    elements = _elements(values.get("_elements", []), lenient, ignored)
     return ExportRequest(
         kind=kind,
         group_id=group_id,
-        types=_types(values.get("_type", []), kind, ignored),
+        types=types,
         since=since,
         until=until,
         patients=_patients(values.get("patient", []), kind, method),
@@ -188,4 +234,6 @@ def parse_export_request(
         container=container,
         request_url=request_url,
         ignored=ignored,
+        type_filters=type_filters,
+        elements=elements,
     )

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 import orjson
 from pydantic import BaseModel, Field, TypeAdapter
 
+from exportsvc.search.model import TypeFilter
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -60,6 +62,10 @@ class ExportRequest(BaseModel):
     """The kick-off URL as the client sent it: the manifest's ``request``."""
     ignored: list[str] = Field(default_factory=list)
     """Problems ignored under ``Prefer: handling=lenient``; reported in the error file."""
+    type_filters: list[TypeFilter] = Field(default_factory=list)
+    """``_typeFilter`` queries (``exportsvc.search``): OR'd per type."""
+    elements: list[str] = Field(default_factory=list)
+    """``_elements``: ``Type.element`` or ``element`` entries (``exportsvc.search.elements``)."""
 
     def fingerprint(self) -> str:
         """Identity of the request for de-duplication: everything but the URL spelling."""

@@ -2,9 +2,11 @@
 
 It does not reuse the export's query path. It scans every stored version, works out in
 Python which version of each resource was current at the job's snapshot and whether the
-request selects it, then reads every output file and checks: each line well-formed and
-of the file's type, every (type, id, versionId) exactly once, byte-equal to the stored
-version, nothing missing, nothing extra, and each manifest count equal to the lines.
+request selects it (``_typeFilter`` through :mod:`exportsvc.filtercheck`, its own reading
+of the filter), then reads every output file and checks: each line well-formed and of the
+file's type, every (type, id, versionId) exactly once, byte-equal to the stored version
+(with ``_elements``: equal as JSON to the stored version subsetted), nothing missing,
+nothing extra, and each manifest count equal to the lines.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from datastore.versioning import content_without_meta
 from destinations import ExportDestinationClient
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT, patient_ids
 from exportsvc.fhir.group import member_ids
+from exportsvc.filtercheck import expected_subset
+from exportsvc.filtercheck import selected as passes
 from exportsvc.ndjson_input import owned_lines, parse_resource
 from exportsvc.records import (
     ExportJobRecord,
@@ -39,6 +43,11 @@ MAX_LISTED = 20
 
 def _digest(raw: bytes) -> bytes:
     return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def _json_digest(resource: Any) -> bytes:
+    """Of the JSON value, whatever the key order or spacing."""
+    return _digest(orjson.dumps(resource, option=orjson.OPT_SORT_KEYS))
 
 
 @dataclass
@@ -79,8 +88,12 @@ class ValidationReport:
 async def _expected(
     record: ExportJobRecord, resources: ResourceStore
 ) -> dict[tuple[str, str], tuple[str, bytes]]:
-    """(type, id) → (versionId, digest) of each version the request selects at the snapshot."""
+    """(type, id) → (versionId, digest) of each version the request selects at the snapshot.
+
+    The digest is of the stored bytes, or with ``_elements`` of the expected subset's
+    JSON (:func:`_json_digest`)."""
     request = record.request
+    filtered = {q.type for q in request.type_filters}
     since, until = to_micros(request.since, MIN_TIME), to_micros(request.until, MAX_TIME)
     wanted = set(request.types)
     compartment = request.kind != ExportKind.SYSTEM
@@ -91,17 +104,28 @@ async def _expected(
             break
         if row.type == "Group":
             groups[row.id] = row.raw
-        selected = (
+        in_scope = (
             row.raw is not None
             and (not wanted or row.type in wanted)
             and (not compartment or row.type in PATIENT_COMPARTMENT)
             and since <= row.last_updated <= until
         )
-        if not selected or row.raw is None:
+        if not in_scope or row.raw is None:
             current[(row.type, row.id)] = None
             continue
-        patients = patient_ids(orjson.loads(row.raw)) if compartment else frozenset()
-        current[(row.type, row.id)] = (str(row.version), _digest(row.raw), patients)
+        parsed: dict[str, Any] = {}
+        if compartment or filtered or request.elements:
+            parsed = orjson.loads(row.raw)
+        if row.type in filtered and not passes(parsed, request.type_filters):
+            current[(row.type, row.id)] = None
+            continue
+        digest = (
+            _json_digest(expected_subset(parsed, request.elements))
+            if request.elements
+            else _digest(row.raw)
+        )
+        patients = patient_ids(parsed) if compartment else frozenset()
+        current[(row.type, row.id)] = (str(row.version), digest, patients)
     members: frozenset[str] | None = None
     if request.kind == ExportKind.GROUP:
         group = groups.get(request.group_id or "")
@@ -143,13 +167,14 @@ async def validate_export(
     for type_, _id in expected:
         report.expected[type_] += 1
     seen: set[tuple[str, str]] = set()
+    subsetted = bool(record.request.elements)
     for f in view.files:
         if f.role != "output":
             continue
         lines = 0
         async for line in _lines(dest.read(f.name)):
             lines += 1
-            _check_line(report, f.type, f.name, lines, line, expected, seen)
+            _check_line(report, f.type, f.name, lines, line, expected, seen, subsetted)
         if lines != f.count:
             report.problem(f"{f.name}: the manifest counts {f.count} lines, the file has {lines}")
     for type_, id_ in expected.keys() - seen:
@@ -165,6 +190,7 @@ def _check_line(
     line: bytes,
     expected: dict[tuple[str, str], tuple[str, bytes]],
     seen: set[tuple[str, str]],
+    subsetted: bool,
 ) -> None:
     where = f"{name} line {number}"
     try:
@@ -190,8 +216,9 @@ def _check_line(
         report.problem(f"{where}: extra {type_}/{id_} (not selected at the snapshot)")
     elif want[0] != version:
         report.problem(f"{where}: {type_}/{id_} version {version}, expected {want[0]}")
-    elif want[1] != _digest(line):
-        report.problem(f"{where}: {type_}/{id_} differs from the stored bytes")
+    elif want[1] != (_json_digest(resource) if subsetted else _digest(line)):
+        stored = "the stored resource subsetted" if subsetted else "the stored bytes"
+        report.problem(f"{where}: {type_}/{id_} differs from {stored}")
 
 
 # -- imports -------------------------------------------------------------------------------

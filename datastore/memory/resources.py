@@ -145,6 +145,8 @@ class MemoryResourceStore(ResourceStore):
             return False
         if not since <= v.last_updated <= until:
             return False
+        if query.ids is not None and v.id not in query.ids:
+            return False
         if query.patients is not None:
             return not v.patients.isdisjoint(query.patients)
         return bool(v.patients) if query.compartment else True

@@ -75,16 +75,18 @@ _VERSION_COLUMNS = (
 
 
 def _filter_args(query: ExportQuery) -> tuple[str, list[Any], list[Any]]:
-    """The query variant, its leading arguments, and its trailing ones (the patients)."""
+    """The query variant, its leading arguments, and its trailing ones (the patients,
+    then the ids)."""
     args = [
         query.type,
         query.snapshot_seq,
         to_micros(query.since, MIN_TIME),
         to_micros(query.until, MAX_TIME),
     ]
+    ids = None if query.ids is None else list(query.ids)
     if query.patients is not None:
-        return "patients", args, [list(query.patients)]
-    return ("compartment" if query.compartment else "all"), args, []
+        return "patients", args, [list(query.patients), ids]
+    return ("compartment" if query.compartment else "all"), args, [ids]
 
 
 class PostgresResourceStore(ResourceStore):

@@ -40,6 +40,7 @@ def _filter_params(query: ExportQuery) -> tuple[str, dict[str, Any]]:
         "snap": query.snapshot_seq,
         "since": to_micros(query.since, MIN_TIME),
         "until": to_micros(query.until, MAX_TIME),
+        "ids": None if query.ids is None else orjson.dumps(list(query.ids)).decode(),
     }
     if query.patients is not None:
         params["patients"] = orjson.dumps(list(query.patients)).decode()

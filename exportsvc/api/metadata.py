@@ -10,21 +10,53 @@ from aiohttp import web
 from exportsvc.api.keys import base_url
 from exportsvc.auth.oauth import capability_security
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT, RESOURCE_TYPES
+from exportsvc.fhir.search_params import parameters_of
 
 routes = web.RouteTableDef()
 BULK = "http://hl7.org/fhir/uv/bulkdata"
+EXPORT_DOCS = (
+    "Supports _outputFormat, _type, _since, _until, _container, patient (POST), "
+    "_typeFilter (the search parameters listed under each resource type; queries for a "
+    "type are OR'd, their parameters AND'd) and _elements (root elements, Type.element or "
+    "element; resources marked SUBSETTED)."
+)
+
+
+def _search_params(type_: str) -> list[dict[str, str]]:
+    """The parameters a ``_typeFilter`` on ``type_`` may use (this server has no search
+    interaction: they are listed for ``_typeFilter``)."""
+    return [
+        {
+            "name": name,
+            "definition": f"http://hl7.org/fhir/SearchParameter/{param.id}",
+            "type": param.kind,
+        }
+        for name, param in sorted(parameters_of(type_).items())
+    ]
 
 
 def capability_statement(base: str, security: dict[str, object] | None = None) -> dict[str, object]:
     def resource(type_: str) -> dict[str, object]:
-        entry: dict[str, object] = {"type": type_, "interaction": []}
+        entry: dict[str, object] = {
+            "type": type_,
+            "interaction": [],
+            "searchParam": _search_params(type_),
+        }
         if type_ == "Patient":
             entry["operation"] = [
-                {"name": "export", "definition": f"{BULK}/OperationDefinition/patient-export"}
+                {
+                    "name": "export",
+                    "definition": f"{BULK}/OperationDefinition/patient-export",
+                    "documentation": EXPORT_DOCS,
+                }
             ]
         elif type_ == "Group":
             entry["operation"] = [
-                {"name": "export", "definition": f"{BULK}/OperationDefinition/group-export"}
+                {
+                    "name": "export",
+                    "definition": f"{BULK}/OperationDefinition/group-export",
+                    "documentation": EXPORT_DOCS,
+                }
             ]
         return entry
 
@@ -48,7 +80,11 @@ def capability_statement(base: str, security: dict[str, object] | None = None) -
                 ),
                 "resource": [resource(t) for t in sorted(RESOURCE_TYPES)],
                 "operation": [
-                    {"name": "export", "definition": f"{BULK}/OperationDefinition/export"},
+                    {
+                        "name": "export",
+                        "definition": f"{BULK}/OperationDefinition/export",
+                        "documentation": EXPORT_DOCS,
+                    },
                 ],
                 **({"security": security} if security else {}),
             }

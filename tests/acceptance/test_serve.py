@@ -126,8 +126,33 @@ def patient_level_post(store: Store) -> Plan:
     return "POST", "/Patient/$export", body, store.compartment(chosen)
 
 
+def system_filtered(store: Store) -> Plan:
+    """Laboratory Observations from 2024 on (a _typeFilter), every Condition."""
+
+    def lab_since_2024(raw: bytes) -> bool:
+        resource = json.loads(raw)
+        codes = {c["code"] for cc in resource["category"] for c in cc["coding"]}
+        return "laboratory" in codes and resource["effectiveDateTime"] >= "2024"
+
+    expected = store.current(["Condition"])
+    everything = store.current(["Observation"])
+    expected |= {k: raw for k, raw in everything.items() if lab_since_2024(raw)}
+    assert 0 < len(expected) - len(store.current(["Condition"])) < len(everything)
+    query = "Observation%3Fcategory%3Dlaboratory%26date%3Dge2024"
+    path = f"/$export?_type=Condition,Observation&_typeFilter={query}"
+    return "GET", path, None, expected
+
+
 @pytest.mark.parametrize(
-    "plan", [system_all, system_some_types, patient_level, group_level, patient_level_post]
+    "plan",
+    [
+        system_all,
+        system_some_types,
+        patient_level,
+        group_level,
+        patient_level_post,
+        system_filtered,
+    ],
 )
 def test_export_round_trip(live_server: LiveServer, plan: Callable[[Store], Plan]) -> None:
     method, path, body, expected = plan(live_server.store)

@@ -133,6 +133,23 @@ async def test_compartment_and_patients(resources: ResourceStore) -> None:
     assert await resources.types(snap) == ["Observation", "Patient"]
 
 
+async def test_ids_select_within_every_query_variant(resources: ResourceStore) -> None:
+    await resources.write([patient("p1"), patient("p2"), patient("p3")])
+    await resources.write([observation(f"o{n}", f"p{n % 3 + 1}") for n in range(1, 8)])
+    snap = await resources.current_seq()
+    some = ExportQuery("Observation", snap, ids=["o2", "o5", "o7", "nope"])
+    assert sorted(r[0] for r in await all_rows(resources, some)) == ["o2", "o5", "o7"]
+    assert await resources.count(some) == 3
+    compartment = ExportQuery("Observation", snap, compartment=True, ids=["o2", "o5"])
+    assert await resources.count(compartment) == 2
+    p3 = ExportQuery("Observation", snap, compartment=True, patients=["p3"], ids=["o2", "o5"])
+    assert [r[0] for r in await all_rows(resources, p3)] == ["o2", "o5"]
+    p2 = ExportQuery("Observation", snap, compartment=True, patients=["p2"], ids=["o2", "o5"])
+    assert await all_rows(resources, p2) == [] and await resources.count(p2) == 0
+    none = ExportQuery("Patient", snap, ids=[])
+    assert await all_rows(resources, none) == [] and await resources.count(none) == 0
+
+
 async def test_stored_bytes_carry_meta(resources: ResourceStore) -> None:
     await resources.write([patient("a")])
     page = await resources.page(ExportQuery("Patient", 1), 0, 10)

@@ -72,9 +72,9 @@ def test_bad_parameters_name_the_problem(pairs: list[tuple[str, str]], named: st
     assert info.value.status == 400
 
 
-def test_unsupported_parameter_is_not_supported() -> None:
-    with pytest.raises(NotSupported, match="_typeFilter"):
-        parse([("_typeFilter", "Observation?code=1")])
+def test_unsupported_search_parameter_is_not_supported() -> None:
+    with pytest.raises(NotSupported, match="value-quantity"):
+        parse([("_typeFilter", "Observation?value-quantity=1")])
 
 
 def test_prefer_respond_async_required() -> None:
@@ -93,12 +93,12 @@ def test_accept_must_be_json() -> None:
 
 def test_lenient_ignores_and_reports() -> None:
     request = parse(
-        [("foo", "1"), ("_elements", "id"), ("_type", "Patient")],
+        [("foo", "1"), ("_typeFilter", "Patient?phone=555"), ("_type", "Patient")],
         prefer="respond-async, handling=lenient",
     )
-    assert request.types == ["Patient"]
+    assert request.types == ["Patient"] and request.type_filters == []
     assert len(request.ignored) == 2
-    assert "'foo'" in request.ignored[0] and "'_elements'" in request.ignored[1]
+    assert "'foo'" in request.ignored[0] and "'phone'" in request.ignored[1]
 
 
 def test_lenient_still_rejects_bad_values() -> None:

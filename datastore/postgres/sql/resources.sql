@@ -73,6 +73,7 @@ SELECT seq, id, version, raw FROM resources
 WHERE type = $1 AND seq > $5 AND seq <= $2
   AND (next_seq IS NULL OR next_seq > $2) AND NOT deleted
   AND last_updated >= $3 AND last_updated <= $4
+  AND ($7::text[] IS NULL OR id = ANY($7::text[]))
 ORDER BY seq LIMIT $6;
 
 -- name: page_compartment
@@ -81,6 +82,7 @@ WHERE type = $1 AND seq > $5 AND seq <= $2
   AND (next_seq IS NULL OR next_seq > $2) AND NOT deleted
   AND last_updated >= $3 AND last_updated <= $4
   AND EXISTS (SELECT 1 FROM resource_patients AS rp WHERE rp.seq = r.seq)
+  AND ($7::text[] IS NULL OR id = ANY($7::text[]))
 ORDER BY seq LIMIT $6;
 
 -- name: page_patients
@@ -93,20 +95,23 @@ WHERE type = $1 AND seq > $5 AND seq <= $2
     WHERE rp.seq = r.seq AND rp.patient_id = ANY($7::text[])
       AND rp.seq > $5 AND rp.seq <= $2  -- the planner does not carry ranges across joins
   )
+  AND ($8::text[] IS NULL OR id = ANY($8::text[]))
 ORDER BY seq LIMIT $6;
 
 -- name: count_all
 SELECT count(*) FROM resources
 WHERE type = $1 AND seq <= $2
   AND (next_seq IS NULL OR next_seq > $2) AND NOT deleted
-  AND last_updated >= $3 AND last_updated <= $4;
+  AND last_updated >= $3 AND last_updated <= $4
+  AND ($5::text[] IS NULL OR id = ANY($5::text[]));
 
 -- name: count_compartment
 SELECT count(*) FROM resources AS r
 WHERE type = $1 AND seq <= $2
   AND (next_seq IS NULL OR next_seq > $2) AND NOT deleted
   AND last_updated >= $3 AND last_updated <= $4
-  AND EXISTS (SELECT 1 FROM resource_patients AS rp WHERE rp.seq = r.seq);
+  AND EXISTS (SELECT 1 FROM resource_patients AS rp WHERE rp.seq = r.seq)
+  AND ($5::text[] IS NULL OR id = ANY($5::text[]));
 
 -- name: count_patients
 SELECT count(*) FROM resources AS r
@@ -116,7 +121,8 @@ WHERE type = $1 AND seq <= $2
   AND EXISTS (
     SELECT 1 FROM resource_patients AS rp
     WHERE rp.seq = r.seq AND rp.patient_id = ANY($5::text[]) AND rp.seq <= $2
-  );
+  )
+  AND ($6::text[] IS NULL OR id = ANY($6::text[]));
 
 -- name: scan_versions
 SELECT seq, type, id, version, next_seq, last_updated, deleted, raw FROM resources

@@ -42,6 +42,7 @@ SELECT seq, id, version, raw FROM resources
 WHERE type = :type AND seq > :after AND seq <= :snap
   AND (next_seq IS NULL OR next_seq > :snap) AND deleted = 0
   AND last_updated >= :since AND last_updated <= :until
+  AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))
 ORDER BY seq LIMIT :limit;
 
 -- name: page_compartment
@@ -50,6 +51,7 @@ WHERE type = :type AND seq > :after AND seq <= :snap
   AND (next_seq IS NULL OR next_seq > :snap) AND deleted = 0
   AND last_updated >= :since AND last_updated <= :until
   AND EXISTS (SELECT 1 FROM resource_patients AS rp WHERE rp.seq = r.seq)
+  AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))
 ORDER BY seq LIMIT :limit;
 
 -- name: page_patients
@@ -61,20 +63,23 @@ WHERE type = :type AND seq > :after AND seq <= :snap
     SELECT 1 FROM resource_patients AS rp
     WHERE rp.seq = r.seq AND rp.patient_id IN (SELECT value FROM json_each(:patients))
   )
+  AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))
 ORDER BY seq LIMIT :limit;
 
 -- name: count_all
 SELECT count(*) FROM resources
 WHERE type = :type AND seq <= :snap
   AND (next_seq IS NULL OR next_seq > :snap) AND deleted = 0
-  AND last_updated >= :since AND last_updated <= :until;
+  AND last_updated >= :since AND last_updated <= :until
+  AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)));
 
 -- name: count_compartment
 SELECT count(*) FROM resources AS r
 WHERE type = :type AND seq <= :snap
   AND (next_seq IS NULL OR next_seq > :snap) AND deleted = 0
   AND last_updated >= :since AND last_updated <= :until
-  AND EXISTS (SELECT 1 FROM resource_patients AS rp WHERE rp.seq = r.seq);
+  AND EXISTS (SELECT 1 FROM resource_patients AS rp WHERE rp.seq = r.seq)
+  AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)));
 
 -- name: count_patients
 SELECT count(*) FROM resources AS r
@@ -84,7 +89,8 @@ WHERE type = :type AND seq <= :snap
   AND EXISTS (
     SELECT 1 FROM resource_patients AS rp
     WHERE rp.seq = r.seq AND rp.patient_id IN (SELECT value FROM json_each(:patients))
-  );
+  )
+  AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)));
 
 -- name: scan_versions
 SELECT seq, type, id, version, next_seq, last_updated, deleted, raw FROM resources
