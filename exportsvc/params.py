@@ -39,8 +39,16 @@ UNSUPPORTED = {
     "allowPartialManifests",
 }
 SINGLE = {"_outputFormat", "_since", "_until", "_container"}
-KNOWN = {"_outputFormat", "_type", "_since", "_until", "patient", "_container"}
-KNOWN |= {"_typeFilter", "_elements"}
+KNOWN = {
+    "_outputFormat",
+    "_type",
+    "_since",
+    "_until",
+    "patient",
+    "_container",
+    "_typeFilter",
+    "_elements",
+}
 
 
 def parse_prefer(header: str | None) -> set[str]:
