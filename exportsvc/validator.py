@@ -4,7 +4,8 @@ It does not reuse the export's query path. It scans every stored version, works 
 Python which version of each resource was current at the job's snapshot and whether the
 request selects it, then reads every output file and checks: each line well-formed and
 of the file's type, every (type, id, versionId) exactly once, byte-equal to the stored
-version, nothing missing, nothing extra, and each manifest count equal to the lines.
+version, nothing missing, nothing extra, and for every file (output, deleted, error) the
+manifest's count equal to its lines and its fileSize equal to its bytes.
 """
 
 from __future__ import annotations
@@ -119,6 +120,18 @@ async def _expected(
     return expected
 
 
+class _Size:
+    """Counts the bytes of a file as it is read."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    async def of(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            self.bytes += len(chunk)
+            yield chunk
+
+
 async def _lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     carry = b""
     async for chunk in chunks:
@@ -144,14 +157,19 @@ async def validate_export(
         report.expected[type_] += 1
     seen: set[tuple[str, str]] = set()
     for f in view.files:
-        if f.role != "output":
-            continue
+        size = _Size()
         lines = 0
-        async for line in _lines(dest.read(f.name)):
+        async for line in _lines(size.of(dest.read(f.name))):
             lines += 1
-            _check_line(report, f.type, f.name, lines, line, expected, seen)
+            if f.role == "output":
+                _check_line(report, f.type, f.name, lines, line, expected, seen)
         if lines != f.count:
             report.problem(f"{f.name}: the manifest counts {f.count} lines, the file has {lines}")
+        if size.bytes != f.committed_bytes:
+            report.problem(
+                f"{f.name}: the manifest's fileSize is {f.committed_bytes}, "
+                f"the file has {size.bytes} bytes"
+            )
     for type_, id_ in expected.keys() - seen:
         report.problem(f"missing: {type_}/{id_} (version {expected[(type_, id_)][0]})")
     return report

@@ -141,7 +141,8 @@ def manifest(
         if url is None:
             proxied = True
             url = f"{base}/_output/{job.id}/{f.name}"
-        return {"type": f.type, "url": url, "count": f.count}
+        # fileSize (STU4): the committed length, which is the file as downloaded.
+        return {"type": f.type, "url": url, "count": f.count, "fileSize": f.committed_bytes}
 
     files = view.files
     output = [entry(f) for f in files if f.role == "output"]

@@ -137,9 +137,12 @@ async def test_export_poll_download_delete(server: tuple[TestServer, ClientSessi
             lines = gzip.decompress(await response.content.read()).splitlines()
         assert len(lines) == f["count"]
         assert {orjson.loads(line)["resourceType"] for line in lines} == {f["type"]}
-    async with session.get(files[0]["url"], headers={"Accept-Encoding": "identity"}) as response:
-        assert "Content-Encoding" not in response.headers
-        assert len((await response.read()).splitlines()) == files[0]["count"]
+    for f in [*files, *manifest["error"]]:
+        async with session.get(f["url"], headers={"Accept-Encoding": "identity"}) as response:
+            assert "Content-Encoding" not in response.headers
+            body = await response.read()
+        assert len(body.splitlines()) == f["count"]
+        assert len(body) == f["fileSize"] > 0
 
     async with session.delete(status_url) as response:
         assert response.status == 202

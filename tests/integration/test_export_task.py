@@ -14,7 +14,8 @@ import pytest
 from datastore.resources import ExportQuery, Page, ResourceStore
 from exportsvc.errors import DestinationError, SecretNotFound
 from exportsvc.export_task import JobSignals
-from exportsvc.records import ExportItemRecord, ExportKind, JobStatus, utcnow
+from exportsvc.records import ExportItemRecord, ExportJobRecord, ExportKind, JobStatus, utcnow
+from exportsvc.validator import validate_export
 from tests.integration.conftest import Harness
 
 
@@ -281,3 +282,20 @@ async def test_an_export_of_nothing_completes(harness: Harness) -> None:
     view = await harness.run_all(job.id)
     assert view.job.status == JobStatus.COMPLETED and view.items == [] and view.files == []
     assert (await harness.validate(job.id)).ok
+
+
+async def test_the_validator_checks_counts_and_file_sizes(harness: Harness) -> None:
+    job = await harness.submit(types=["Patient"], ignored=["unknown parameter 'foo'"])
+    view = await harness.run_all(job.id)
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()
+    dest = harness.runtime.destinations.for_job(job.id, None)
+    for f in view.files:  # the recorded size is the file's: what the manifest says
+        assert f.committed_bytes == sum([len(c) async for c in dest.read(f.name)]) > 0
+    error = next(f for f in view.files if f.role == "error")
+    error.committed_bytes += 1
+    error.count += 1
+    assert isinstance(view.job, ExportJobRecord)
+    lied = await validate_export(view, harness.runtime.resources, dest)
+    assert lied.problem_count == 2
+    assert "fileSize is" in lied.render() and "counts 2 lines, the file has 1" in lied.render()
