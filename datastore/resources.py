@@ -65,6 +65,23 @@ class Page:
 
 
 @dataclass(frozen=True, slots=True)
+class Deletion:
+    """A resource whose version current at a snapshot is a deletion (that version)."""
+
+    seq: int
+    id: str
+    version: int
+    deleted_at: int
+    """When it was deleted: microseconds since the epoch (the version's time column)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeletionPage:
+    rows: list[Deletion]
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
 class VersionRow:
     """One stored version, deleted ones included: what the DataValidator reads."""
 
@@ -160,6 +177,18 @@ class ResourceStore(abc.ABC):
     @abc.abstractmethod
     async def count(self, query: ExportQuery) -> int:
         """How many resources ``query`` matches (for progress)."""
+
+    @abc.abstractmethod
+    async def deletions(self, query: ExportQuery, after_seq: int, limit: int) -> DeletionPage:
+        """Up to ``limit`` resources of ``query.type`` deleted as of the snapshot, in
+        ``seq`` order from ``after_seq``: those whose version current at
+        ``query.snapshot_seq`` is a deletion made in ``(since, until]`` (``since``
+        exclusive: deleted *after* it). A resource deleted and re-created is current, not
+        deleted. Compartment filters apply to the last live version, the one deleted."""
+
+    @abc.abstractmethod
+    async def count_deletions(self, query: ExportQuery) -> int:
+        """How many resources :meth:`deletions` pages through."""
 
     @abc.abstractmethod
     def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:

@@ -14,6 +14,8 @@ from datastore.resources import (
     MAX_TIME,
     MIN_TIME,
     Checkpoint,
+    Deletion,
+    DeletionPage,
     ExportQuery,
     Origin,
     Page,
@@ -118,7 +120,9 @@ class MemoryResourceStore(ResourceStore):
             return False
         stamp = to_micros(utcnow(), 0)
         seq = len(self._versions) + 1
-        self._append(_Version(seq, type_, id_, current.version + 1, stamp, None, frozenset()))
+        # A deletion keeps the compartment of the version it deletes (deleted[] filters).
+        patients = current.patients
+        self._append(_Version(seq, type_, id_, current.version + 1, stamp, None, patients))
         return True
 
     def _visible(self, v: _Version, snap: int) -> bool:
@@ -161,6 +165,29 @@ class MemoryResourceStore(ResourceStore):
 
     async def count(self, query: ExportQuery) -> int:
         return sum(1 for v in self._versions if self._matches(v, query))
+
+    def _deleted(self, v: _Version, query: ExportQuery) -> bool:
+        since, until = to_micros(query.since, MIN_TIME), to_micros(query.until, MAX_TIME)
+        snap = query.snapshot_seq
+        if v.type != query.type or v.raw is not None or v.seq > snap:
+            return False
+        if (v.next_seq is not None and v.next_seq <= snap) or not since < v.last_updated <= until:
+            return False
+        if query.patients is not None:
+            return not v.patients.isdisjoint(query.patients)
+        return bool(v.patients) if query.compartment else True
+
+    async def deletions(self, query: ExportQuery, after_seq: int, limit: int) -> DeletionPage:
+        rows: list[Deletion] = []
+        for v in self._versions[after_seq:]:
+            if self._deleted(v, query):
+                rows.append(Deletion(v.seq, v.id, v.version, v.last_updated))
+                if len(rows) == limit:
+                    break
+        return DeletionPage(rows, len(rows) < limit)
+
+    async def count_deletions(self, query: ExportQuery) -> int:
+        return sum(1 for v in self._versions if self._deleted(v, query))
 
     async def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:
         for v in list(self._versions):

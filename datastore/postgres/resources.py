@@ -41,6 +41,8 @@ from datastore.resources import (
     MAX_TIME,
     MIN_TIME,
     Checkpoint,
+    Deletion,
+    DeletionPage,
     ExportQuery,
     Origin,
     Page,
@@ -230,6 +232,19 @@ class PostgresResourceStore(ResourceStore):
         variant, args, tail = _filter_args(query)
         async with self.db.connection() as conn:
             return int(await conn.fetchval(Q[f"count_{variant}"], *args, *tail))
+
+    async def deletions(self, query: ExportQuery, after_seq: int, limit: int) -> DeletionPage:
+        variant, args, tail = _filter_args(query)
+        async with self.db.connection() as conn:
+            records = await conn.fetch(Q[f"deletions_{variant}"], *args, after_seq, limit, *tail)
+        rows = [Deletion(r[0], r[1], r[2], r[3]) for r in records]
+        return DeletionPage(rows, last=len(rows) < limit)
+
+    async def count_deletions(self, query: ExportQuery) -> int:
+        variant, args, tail = _filter_args(query)
+        sql = f"SELECT count(*) FROM ({Q[f'deletions_{variant}'].rstrip(';')}) AS d"
+        async with self.db.connection() as conn:  # LIMIT NULL is no limit
+            return int(await conn.fetchval(sql, *args, 0, None, *tail))
 
     async def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:
         after = 0

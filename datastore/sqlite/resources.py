@@ -16,6 +16,8 @@ from datastore.resources import (
     MAX_TIME,
     MIN_TIME,
     Checkpoint,
+    Deletion,
+    DeletionPage,
     ExportQuery,
     Origin,
     Page,
@@ -128,6 +130,23 @@ class SqliteResourceStore(ResourceStore):
     async def count(self, query: ExportQuery) -> int:
         variant, params = _filter_params(query)
         sql = Q[f"count_{variant}"]
+        return await self.db.run(lambda c: int(c.execute(sql, params).fetchone()[0]))
+
+    async def deletions(self, query: ExportQuery, after_seq: int, limit: int) -> DeletionPage:
+        variant, params = _filter_params(query)
+        params.update(after=after_seq, limit=limit)
+        sql = Q[f"deletions_{variant}"]
+
+        def deletions(conn: sqlite3.Connection) -> DeletionPage:
+            rows = [Deletion(*r) for r in conn.execute(sql, params)]
+            return DeletionPage(rows, last=len(rows) < limit)
+
+        return await self.db.run(deletions)
+
+    async def count_deletions(self, query: ExportQuery) -> int:
+        variant, params = _filter_params(query)
+        params.update(after=0, limit=-1)  # SQLite: LIMIT -1 is no limit
+        sql = f"SELECT count(*) FROM ({Q[f'deletions_{variant}'].rstrip(';')})"
         return await self.db.run(lambda c: int(c.execute(sql, params).fetchone()[0]))
 
     async def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from datastore.resources import ExportQuery, ResourceStore
@@ -149,3 +149,53 @@ async def test_scan_versions_includes_deletions(resources: ResourceStore) -> Non
         (1, False, 2),
         (2, True, None),
     ]
+
+
+async def all_deletions(store: ResourceStore, query: ExportQuery) -> list[str]:
+    ids, after = [], 0
+    while True:
+        page = await store.deletions(query, after, 1)
+        ids += [d.id for d in page.rows]
+        after = page.rows[-1].seq if page.rows else after
+        if page.last:
+            assert await store.count_deletions(query) == len(ids)
+            return ids
+
+
+async def deleted_at(store: ResourceStore, type_: str, id_: str) -> datetime:
+    stamps = [v.last_updated async for v in store.scan_versions() if (v.type, v.id) == (type_, id_)]
+    return datetime.fromtimestamp(stamps[-1] / 1_000_000, UTC)
+
+
+async def test_deletions_in_a_window_as_of_the_snapshot(resources: ResourceStore) -> None:
+    await resources.write([patient(p) for p in ("a", "b", "c", "d", "e")])
+    await resources.write([observation("o1", "a"), observation("o2", "b"), observation("o3", "c")])
+    await resources.delete("Patient", "a")  # at `since` exactly: not after it
+    since = await deleted_at(resources, "Patient", "a")
+    await resources.delete("Patient", "b")
+    await resources.delete("Patient", "c")
+    await resources.write([patient("c", family="Back")])  # re-created: current, not deleted
+    await resources.delete("Observation", "o1")
+    await resources.delete("Observation", "o2")
+    await resources.delete("Patient", "e")
+    snap = await resources.current_seq()
+    await resources.delete("Patient", "d")  # after the snapshot
+    await resources.delete("Observation", "o3")
+
+    assert await all_deletions(resources, ExportQuery("Patient", snap, since=since)) == ["b", "e"]
+    assert await all_deletions(resources, ExportQuery("Patient", snap)) == ["a", "b", "e"]
+    b_at = await deleted_at(resources, "Patient", "b")
+    until = ExportQuery("Patient", snap, since=since, until=b_at)  # until is inclusive
+    assert await all_deletions(resources, until) == ["b"]
+    before_b = ExportQuery("Patient", snap, since=since, until=b_at - timedelta(microseconds=1))
+    assert await all_deletions(resources, before_b) == []
+    # Compartments: those of the deleted (last live) versions.
+    observations = ExportQuery("Observation", snap, since=since, compartment=True)
+    assert await all_deletions(resources, observations) == ["o1", "o2"]
+    only_b = ExportQuery("Observation", snap, since=since, compartment=True, patients=["b"])
+    assert await all_deletions(resources, only_b) == ["o2"]
+    patients = ExportQuery("Patient", snap, since=since, compartment=True, patients=["e", "c"])
+    assert await all_deletions(resources, patients) == ["e"]
+    page = await resources.deletions(ExportQuery("Patient", snap, since=since), 0, 10)
+    assert [(d.id, d.version) for d in page.rows] == [("b", 2), ("e", 2)] and page.last
+    assert page.rows[0].deleted_at == int(b_at.timestamp() * 1_000_000)

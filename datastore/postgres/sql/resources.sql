@@ -121,3 +121,36 @@ WHERE type = $1 AND seq <= $2
 -- name: scan_versions
 SELECT seq, type, id, version, next_seq, last_updated, deleted, raw FROM resources
 WHERE seq > $1 ORDER BY seq LIMIT $2;
+
+-- name: deletions_all
+-- Deletions: resources whose version current at the snapshot ($2) is a deletion made in
+-- ($3, $4]; pages take ($5 after seq, $6 limit), the patient list comes last. Their
+-- compartment is that of the version they deleted (version - 1), always a live one.
+SELECT seq, id, version, last_updated FROM resources
+WHERE type = $1 AND deleted AND seq > $5 AND seq <= $2
+  AND (next_seq IS NULL OR next_seq > $2)
+  AND last_updated > $3 AND last_updated <= $4
+ORDER BY seq LIMIT $6;
+
+-- name: deletions_compartment
+SELECT seq, id, version, last_updated FROM resources AS r
+WHERE type = $1 AND deleted AND seq > $5 AND seq <= $2
+  AND (next_seq IS NULL OR next_seq > $2)
+  AND last_updated > $3 AND last_updated <= $4
+  AND EXISTS (
+    SELECT 1 FROM resources AS p JOIN resource_patients AS rp ON rp.seq = p.seq
+    WHERE p.type = r.type AND p.id = r.id AND p.version = r.version - 1
+  )
+ORDER BY seq LIMIT $6;
+
+-- name: deletions_patients
+SELECT seq, id, version, last_updated FROM resources AS r
+WHERE type = $1 AND deleted AND seq > $5 AND seq <= $2
+  AND (next_seq IS NULL OR next_seq > $2)
+  AND last_updated > $3 AND last_updated <= $4
+  AND EXISTS (
+    SELECT 1 FROM resources AS p JOIN resource_patients AS rp ON rp.seq = p.seq
+    WHERE p.type = r.type AND p.id = r.id AND p.version = r.version - 1
+      AND rp.patient_id = ANY($7::text[])
+  )
+ORDER BY seq LIMIT $6;

@@ -89,3 +89,38 @@ WHERE type = :type AND seq <= :snap
 -- name: scan_versions
 SELECT seq, type, id, version, next_seq, last_updated, deleted, raw FROM resources
 WHERE seq > :after ORDER BY seq LIMIT :limit;
+
+-- name: deletions_all
+-- Deletions: resources whose version current at the snapshot is a deletion made in
+-- (since, until]. Their compartment is that of the version they deleted (version - 1),
+-- which is always a live one.
+SELECT seq, id, version, last_updated FROM resources
+WHERE type = :type AND deleted = 1 AND seq > :after AND seq <= :snap
+  AND (next_seq IS NULL OR next_seq > :snap)
+  AND last_updated > :since AND last_updated <= :until
+ORDER BY seq LIMIT :limit;
+
+-- name: deletions_compartment
+SELECT seq, id, version, last_updated FROM resources AS r
+WHERE type = :type AND deleted = 1 AND seq > :after AND seq <= :snap
+  AND (next_seq IS NULL OR next_seq > :snap)
+  AND last_updated > :since AND last_updated <= :until
+  AND EXISTS (
+    SELECT 1 FROM resources AS p JOIN resource_patients AS rp ON rp.seq = p.seq
+    WHERE p.key_hash = r.key_hash AND p.type = r.type AND p.id = r.id
+      AND p.version = r.version - 1
+  )
+ORDER BY seq LIMIT :limit;
+
+-- name: deletions_patients
+SELECT seq, id, version, last_updated FROM resources AS r
+WHERE type = :type AND deleted = 1 AND seq > :after AND seq <= :snap
+  AND (next_seq IS NULL OR next_seq > :snap)
+  AND last_updated > :since AND last_updated <= :until
+  AND EXISTS (
+    SELECT 1 FROM resources AS p JOIN resource_patients AS rp ON rp.seq = p.seq
+    WHERE p.key_hash = r.key_hash AND p.type = r.type AND p.id = r.id
+      AND p.version = r.version - 1
+      AND rp.patient_id IN (SELECT value FROM json_each(:patients))
+  )
+ORDER BY seq LIMIT :limit;
