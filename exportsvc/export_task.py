@@ -7,7 +7,9 @@ fenced transaction. ``ExportItemTask`` runs an item from its last checkpoint: re
 page by continuation point, append each resource's stored bytes to the current file
 (rolling at ``max_file_bytes``), and every N pages or T seconds commit every touched file
 and only then persist the checkpoint (``exportsvc.tasks``). Items share the export's
-folder; each owns the files named after its scope.
+folder; each owns the files named after its scope. With ``_since``, a type's deletions in
+the window are an item of their own (``content="deleted"``), written as transaction
+Bundles to ``deleted[]`` files.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import math
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
 
-from datastore.resources import ExportQuery, ResourceStore, Row
+import orjson
+
+from datastore.resources import Deletion, ExportQuery, ResourceStore, Row
+from datastore.versioning import fhir_instant
 from exportsvc.errors import InvalidRequest
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT
 from exportsvc.fhir.group import member_ids
@@ -36,6 +41,7 @@ from exportsvc.tasks import JobSignals, JobTask, outcome_line, shielded
 
 __all__ = ["ExportItemTask", "ExportPlanTask", "JobSignals", "export_query", "shielded"]
 ERRORS_SCOPE = "OperationOutcome"
+ItemContent = Literal["resources", "deleted", "provenance"]
 
 
 async def export_query(
@@ -58,6 +64,20 @@ async def export_query(
         compartment=compartment,
         patients=patients if compartment else None,
     )
+
+
+def deletion_bundle(type_: str, deletion: Deletion) -> bytes:
+    """A ``deleted[]`` line: a transaction Bundle with the resource's DELETE entry. Its id
+    and content depend only on the stored deletion, so a resume writes the same bytes."""
+    moment = datetime.fromtimestamp(deletion.deleted_at / 1_000_000, UTC)
+    bundle = {
+        "resourceType": "Bundle",
+        "id": f"deleted-{deletion.seq}",
+        "meta": {"lastUpdated": fhir_instant(moment)},
+        "type": "transaction",
+        "entry": [{"request": {"method": "DELETE", "url": f"{type_}/{deletion.id}"}}],
+    }
+    return orjson.dumps(bundle)
 
 
 class ExportPlanTask(JobTask[ExportJobRecord]):
@@ -115,22 +135,36 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
                 continue
             query = await export_query(self.resources, request, record.snapshot_seq, type_)
             count = await self.resources.count(query)
-            if count == 0:
-                continue
             parts = math.ceil(count / self.settings.export_item_resources)
             low, high = bounds[0] - 1, bounds[1]
-            step = math.ceil((high - low) / parts)
+            step = math.ceil((high - low) / parts) if parts else 0
             for part in range(parts):
                 after, last = low + part * step, min(low + (part + 1) * step, high)
                 items.append(self._item(type_, part if parts > 1 else None, after, last))
                 items[-1].total_estimate = count // parts + (part < count % parts)
+            if request.since is not None:  # deleted[]: one item per type with deletions
+                deleted = await self.resources.count_deletions(query)
+                if deleted:
+                    items.append(self._item(type_, None, low, high, content="deleted"))
+                    items[-1].total_estimate = deleted
         for n, item in enumerate(items):  # distinct, increasing: leased in plan order
             item.created_at = record.created_at + timedelta(microseconds=n + 1)
         return items
 
-    def _item(self, type_: str, part: int | None, after: int, last: int) -> ExportItemRecord:
+    def _item(
+        self,
+        type_: str,
+        part: int | None,
+        after: int,
+        last: int,
+        *,
+        content: ItemContent = "resources",
+    ) -> ExportItemRecord:
         record = self.record
         item_id = uuid.uuid4().hex
+        scope = type_ if part is None else f"{type_}.{part:03d}"
+        if content != "resources":
+            scope = f"{type_}.{content}"
         return ExportItemRecord(
             id=item_id,
             client=record.client,
@@ -140,10 +174,11 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
             transaction_time=record.transaction_time,
             snapshot_seq=record.snapshot_seq,
             type=type_,
-            scope=type_ if part is None else f"{type_}.{part:03d}",
+            scope=scope,
             seq_after=after,
             seq_max=last,
             after_seq=after,
+            content=content,
         )
 
 
@@ -172,11 +207,11 @@ class ExportItemTask(JobTask[ExportItemRecord]):
         while not record.done:
             if await self._stop_requested():
                 return
-            page = await self.resources.page(query, record.after_seq, self.settings.page_size)
-            rows = [row for row in page.rows if row.seq <= record.seq_max]
+            page, last = await self._page(query)
+            rows = [row for row in page if row.seq <= record.seq_max]
             await self._append(rows)
             record.after_seq = rows[-1].seq if rows else record.after_seq
-            record.done = page.last or len(rows) < len(page.rows)
+            record.done = last or len(rows) < len(page)
             record.resources_done += len(rows)
             record.pages_read += 1
             pages_since_commit += 1
@@ -190,6 +225,19 @@ class ExportItemTask(JobTask[ExportItemRecord]):
             return
         await self._checkpoint()
         await self._complete()
+
+    async def _page(self, query: ExportQuery) -> tuple[list[Row], bool]:
+        """The next page after the continuation point: rows to write, and whether it is
+        the last. A deletion becomes the line of its transaction Bundle."""
+        after, limit = self.record.after_seq, self.settings.page_size
+        if self.record.content == "deleted":
+            deletions = await self.resources.deletions(query, after, limit)
+            rows = [
+                Row(d.seq, d.id, d.version, deletion_bundle(query.type, d)) for d in deletions.rows
+            ]
+            return rows, deletions.last
+        page = await self.resources.page(query, after, limit)
+        return page.rows, page.last
 
     def _current_file(self) -> OutputFile | None:
         return self.record.output[-1] if self.record.output else None
@@ -207,7 +255,10 @@ class ExportItemTask(JobTask[ExportItemRecord]):
                 if current is not None and chunk:
                     await self._flush(current, chunk)
                     chunk, pending = [], 0
-                current = self._new_file(self.record.type)
+                if self.record.content == "deleted":
+                    current = self._new_file("Bundle", role="deleted")
+                else:
+                    current = self._new_file(self.record.type)
                 await self.dest.start_file(current)
             chunk.append(row.raw)
             pending += size

@@ -60,6 +60,15 @@ class ExportRequest(BaseModel):
     """The kick-off URL as the client sent it: the manifest's ``request``."""
     ignored: list[str] = Field(default_factory=list)
     """Problems ignored under ``Prefer: handling=lenient``; reported in the error file."""
+    associated: list[str] = Field(default_factory=list)
+    """``includeAssociatedData`` values (``LatestProvenanceResources``,
+    ``RelevantProvenanceResources``)."""
+    organize_by: str | None = None
+    """``organizeOutputBy`` (``Patient``): files of patient blocks instead of one type."""
+    partial_manifests: bool = False
+    """``allowPartialManifests``: manifest pages, each available once its files are."""
+    separate_status: bool = False
+    """``Prefer: separate-export-status``: status polls answer 200 + ``X-Export-Status``."""
 
     def fingerprint(self) -> str:
         """Identity of the request for de-duplication: everything but the URL spelling."""
@@ -76,7 +85,7 @@ class Lease(BaseModel):
     expires_at: datetime | None = None
 
 
-FileRole = Literal["output", "error"]
+FileRole = Literal["output", "error", "deleted"]
 
 
 class OutputFile(BaseModel):
@@ -153,6 +162,9 @@ class ExportItemRecord(JobRecord):
     seq_max: int
     after_seq: int
     """The continuation point: the last sequence read."""
+    content: Literal["resources", "deleted", "provenance"] = "resources"
+    """What the item writes: resources of ``type``; transaction Bundles of its deletions
+    (``deleted[]``); or the Provenance associated with the export's other resources."""
     done: bool = False
     total_estimate: int = 0
     resources_done: int = 0

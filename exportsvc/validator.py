@@ -24,6 +24,7 @@ from datastore.versioning import content_without_meta
 from destinations import ExportDestinationClient
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT, patient_ids
 from exportsvc.fhir.group import member_ids
+from exportsvc.fhir.provenance import PROVENANCE_VALUES, RELEVANT, recency, targets
 from exportsvc.ndjson_input import owned_lines, parse_resource
 from exportsvc.records import (
     ExportJobRecord,
@@ -77,32 +78,61 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-async def _expected(
-    record: ExportJobRecord, resources: ResourceStore
-) -> dict[tuple[str, str], tuple[str, bytes]]:
-    """(type, id) → (versionId, digest) of each version the request selects at the snapshot."""
+Key = tuple[str, str]
+
+
+@dataclass
+class _Expected:
+    output: dict[Key, tuple[str, bytes]] = field(default_factory=dict)
+    """(type, id) → (versionId, digest) of each version the request selects."""
+    deleted: dict[Key, int] = field(default_factory=dict)
+    """(type, id) → version of the deletion, for each resource ``deleted[]`` lists."""
+
+
+async def _expected(record: ExportJobRecord, resources: ResourceStore) -> _Expected:
+    """What the request selects at the snapshot, decided in Python from every version."""
     request = record.request
     since, until = to_micros(request.since, MIN_TIME), to_micros(request.until, MAX_TIME)
     wanted = set(request.types)
     compartment = request.kind != ExportKind.SYSTEM
-    current: dict[tuple[str, str], tuple[str, bytes, frozenset[str]] | None] = {}
+    provenance_mode = bool(PROVENANCE_VALUES & set(request.associated))
+    current: dict[Key, tuple[str, bytes, frozenset[str]] | None] = {}
+    # The last live version's compartment, and the deletions current at the snapshot.
+    live: dict[Key, frozenset[str]] = {}
+    deletions: dict[Key, tuple[int, frozenset[str]]] = {}
+    provenances: dict[str, bytes] = {}
     groups: dict[str, bytes | None] = {}
     async for row in resources.scan_versions():
         if row.seq > record.snapshot_seq:
             break
+        key = (row.type, row.id)
         if row.type == "Group":
             groups[row.id] = row.raw
-        selected = (
-            row.raw is not None
-            and (not wanted or row.type in wanted)
+        if row.type == "Provenance" and provenance_mode:
+            if row.raw is None:
+                provenances.pop(row.id, None)
+            else:
+                provenances[row.id] = row.raw
+        in_scope = (
+            (not wanted or row.type in wanted)
             and (not compartment or row.type in PATIENT_COMPARTMENT)
-            and since <= row.last_updated <= until
+            and not (provenance_mode and row.type == "Provenance")
         )
-        if not selected or row.raw is None:
-            current[(row.type, row.id)] = None
+        if not in_scope:
+            continue
+        deletions.pop(key, None)
+        if row.raw is None:
+            current[key] = None
+            if since < row.last_updated <= until and request.since is not None:
+                deletions[key] = (row.version, live.get(key, frozenset()))
             continue
         patients = patient_ids(orjson.loads(row.raw)) if compartment else frozenset()
-        current[(row.type, row.id)] = (str(row.version), _digest(row.raw), patients)
+        if compartment and request.since is not None:
+            live[key] = patients
+        if not since <= row.last_updated <= until:
+            current[key] = None
+            continue
+        current[key] = (str(row.version), _digest(row.raw), patients)
     members: frozenset[str] | None = None
     if request.kind == ExportKind.GROUP:
         group = groups.get(request.group_id or "")
@@ -110,14 +140,46 @@ async def _expected(
     if request.patients:
         chosen = frozenset(request.patients)
         members = chosen if members is None else members & chosen
-    expected = {}
+
+    def in_compartment(patients: frozenset[str]) -> bool:
+        if not compartment:
+            return True
+        return bool(patients) and (members is None or not patients.isdisjoint(members))
+
+    expected = _Expected()
     for key, value in current.items():
-        if value is None:
-            continue
-        if compartment and (not value[2] or (members is not None and value[2].isdisjoint(members))):
-            continue
-        expected[key] = (value[0], value[1])
+        if value is not None and in_compartment(value[2]):
+            expected.output[key] = (value[0], value[1])
+    for key, (version, patients) in deletions.items():
+        if in_compartment(patients):
+            expected.deleted[key] = version
+    if provenance_mode:
+        exported = set(expected.output)
+        for id_, raw in _associated(request.associated, provenances, exported).items():
+            expected.output[("Provenance", id_)] = (_version_of(raw), _digest(raw))
     return expected
+
+
+def _associated(
+    values: list[str], provenances: dict[str, bytes], exported: set[Key]
+) -> dict[str, bytes]:
+    """The Provenance ``includeAssociatedData`` adds: every one with a target among the
+    exported resources (Relevant), or only the most recent one of each such target
+    (Latest). Relevant is the larger set, so it wins when both are asked for."""
+    parsed = {id_: orjson.loads(raw) for id_, raw in provenances.items()}
+    if RELEVANT in values:
+        return {i: provenances[i] for i, p in parsed.items() if targets(p) & exported}
+    latest: dict[Key, str] = {}
+    for id_, resource in parsed.items():
+        for key in targets(resource) & exported:
+            best = latest.get(key)
+            if best is None or recency(resource) > recency(parsed[best]):
+                latest[key] = id_
+    return {i: provenances[i] for i in set(latest.values())}
+
+
+def _version_of(raw: bytes) -> str:
+    return str(orjson.loads(raw)["meta"]["versionId"])
 
 
 class _Size:
@@ -152,10 +214,14 @@ async def validate_export(
     if record.status != JobStatus.COMPLETED:
         report.problem(f"the job is {record.status.value}, not completed")
         return report
-    expected = await _expected(record, resources)
+    wanted = await _expected(record, resources)
+    expected = wanted.output
     for type_, _id in expected:
         report.expected[type_] += 1
-    seen: set[tuple[str, str]] = set()
+    for type_, _id in wanted.deleted:
+        report.expected[f"{type_} (deleted)"] += 1
+    seen: set[Key] = set()
+    gone: set[Key] = set()
     for f in view.files:
         size = _Size()
         lines = 0
@@ -163,6 +229,8 @@ async def validate_export(
             lines += 1
             if f.role == "output":
                 _check_line(report, f.type, f.name, lines, line, expected, seen)
+            elif f.role == "deleted":
+                _check_deletion(report, f"{f.name} line {lines}", line, wanted.deleted, gone)
         if lines != f.count:
             report.problem(f"{f.name}: the manifest counts {f.count} lines, the file has {lines}")
         if size.bytes != f.committed_bytes:
@@ -172,7 +240,40 @@ async def validate_export(
             )
     for type_, id_ in expected.keys() - seen:
         report.problem(f"missing: {type_}/{id_} (version {expected[(type_, id_)][0]})")
+    for type_, id_ in wanted.deleted.keys() - gone:
+        report.problem(f"missing from deleted[]: {type_}/{id_}")
+    for type_, id_ in gone & seen:
+        report.problem(f"{type_}/{id_} is both in output and in deleted[]")
     return report
+
+
+def _check_deletion(
+    report: ValidationReport, where: str, line: bytes, deleted: dict[Key, int], gone: set[Key]
+) -> None:
+    """A deleted[] line: a transaction Bundle whose entries DELETE deleted resources."""
+    try:
+        bundle = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        report.problem(f"{where}: not well-formed JSON")
+        return
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        report.problem(f"{where}: not a Bundle")
+        return
+    if bundle.get("type") != "transaction" or not bundle.get("entry"):
+        report.problem(f"{where}: not a transaction Bundle with entries")
+        return
+    for entry in bundle["entry"]:
+        request = entry.get("request") or {} if isinstance(entry, dict) else {}
+        type_, _, id_ = str(request.get("url")).partition("/")
+        if request.get("method") != "DELETE" or not id_:
+            report.problem(f"{where}: an entry that is not DELETE Type/id: {request}")
+            continue
+        report.found[f"{type_} (deleted)"] += 1
+        if (type_, id_) in gone:
+            report.problem(f"{where}: duplicate deletion of {type_}/{id_}")
+        elif (type_, id_) not in deleted:
+            report.problem(f"{where}: {type_}/{id_} was not deleted in the window")
+        gone.add((type_, id_))
 
 
 def _check_line(
@@ -181,8 +282,8 @@ def _check_line(
     name: str,
     number: int,
     line: bytes,
-    expected: dict[tuple[str, str], tuple[str, bytes]],
-    seen: set[tuple[str, str]],
+    expected: dict[Key, tuple[str, bytes]],
+    seen: set[Key],
 ) -> None:
     where = f"{name} line {number}"
     try:

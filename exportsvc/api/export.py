@@ -145,17 +145,18 @@ def manifest(
         return {"type": f.type, "url": url, "count": f.count, "fileSize": f.committed_bytes}
 
     files = view.files
-    output = [entry(f) for f in files if f.role == "output"]
-    error = [entry(f) for f in files if f.role == "error"]
-    return {
+    body: dict[str, object] = {
         "transactionTime": job.transaction_time.isoformat().replace("+00:00", "Z"),
         "request": job.request.request_url,
-        # Served files need a token exactly when this service demands one (known only
-        # once every entry is made).
-        "requiresAccessToken": proxied and requires_token,
-        "output": output,
-        "error": error,
+        "output": [entry(f) for f in files if f.role == "output"],
     }
+    if job.request.since is not None:  # deletions are reported for a _since export only
+        body["deleted"] = [entry(f) for f in files if f.role == "deleted"]
+    body["error"] = [entry(f) for f in files if f.role == "error"]
+    # Served files need a token exactly when this service demands one (known only once
+    # every entry is made).
+    body["requiresAccessToken"] = proxied and requires_token
+    return body
 
 
 def progress_headers(view: JobView) -> dict[str, str]:

@@ -7,15 +7,17 @@ import contextlib
 import gzip
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
+from datastore.resources import ExportQuery
 from exportsvc.api import create_app
 from exportsvc.api.keys import OPERATIONS, RESOURCES
-from exportsvc.records import JobStatus
+from exportsvc.records import JobStatus, utcnow
 from exportsvc.seed import generate
 from exportsvc.settings import Settings
 
@@ -222,3 +224,29 @@ async def test_a_job_left_unsettled_by_a_dead_worker_settles_on_poll(
     assert manifest["output"][0]["type"] == "Patient"
     settled = await operations.get(job.id)
     assert settled is not None and settled.status == JobStatus.COMPLETED
+
+
+async def test_a_since_export_lists_deletions_in_its_manifest(
+    server: tuple[TestServer, ClientSession],
+) -> None:
+    test_server, session = server
+    store = test_server.app[RESOURCES]
+    since = utcnow()
+    page = await store.page(ExportQuery("Condition", await store.current_seq()), 0, 2)
+    for row in page.rows:
+        await store.delete("Condition", row.id)
+    query = f"_type=Condition,Patient&_since={quote(since.isoformat())}"
+    async with session.get(f"/$export?{query}", headers=ASYNC) as response:
+        status_url = response.headers["Content-Location"]
+    _, manifest = await finished(session, status_url)
+    assert manifest["output"] == []
+    [deleted] = manifest["deleted"]
+    assert (deleted["type"], deleted["count"]) == ("Bundle", 2)
+    async with session.get(deleted["url"], headers={"Accept-Encoding": "identity"}) as response:
+        body = await response.read()
+    assert len(body) == deleted["fileSize"]
+    urls = sorted(orjson.loads(line)["entry"][0]["request"]["url"] for line in body.splitlines())
+    assert urls == sorted(f"Condition/{row.id}" for row in page.rows)
+    async with session.get("/$export?_type=Condition", headers=ASYNC) as response:
+        _, without_since = await finished(session, response.headers["Content-Location"])
+    assert "deleted" not in without_since

@@ -299,3 +299,118 @@ async def test_the_validator_checks_counts_and_file_sizes(harness: Harness) -> N
     lied = await validate_export(view, harness.runtime.resources, dest)
     assert lied.problem_count == 2
     assert "fileSize is" in lied.render() and "counts 2 lines, the file has 1" in lied.render()
+
+
+async def _ids(store: ResourceStore, type_: str, limit: int = 1000) -> list[str]:
+    page = await store.page(ExportQuery(type_, await store.current_seq()), 0, limit)
+    return [row.id for row in page.rows]
+
+
+async def _stamp(store: ResourceStore, type_: str, id_: str) -> datetime:
+    stamps = [v.last_updated async for v in store.scan_versions() if (v.type, v.id) == (type_, id_)]
+    return datetime.fromtimestamp(stamps[-1] / 1_000_000, UTC)
+
+
+async def _deleted_urls(harness: Harness, job_id: str) -> list[str]:
+    view = await harness.view(job_id)
+    dest = harness.runtime.destinations.for_job(job_id, None)
+    urls = []
+    for f in view.files:
+        if f.role == "deleted":
+            assert f.type == "Bundle"
+            body = b"".join([c async for c in dest.read(f.name)])
+            for line in body.splitlines():
+                bundle = orjson.loads(line)
+                assert bundle["type"] == "transaction"
+                assert [e["request"]["method"] for e in bundle["entry"]] == ["DELETE"]
+                urls.append(bundle["entry"][0]["request"]["url"])
+    return urls
+
+
+async def test_since_lists_deletions_in_the_window_and_never_in_output(harness: Harness) -> None:
+    store = harness.runtime.resources
+    observations, conditions = await _ids(store, "Observation"), await _ids(store, "Condition")
+    await store.delete("Observation", observations[0])  # before _since: not listed
+    since = await _stamp(store, "Observation", observations[0])
+    for id_ in observations[1:4]:
+        await store.delete("Observation", id_)
+    await store.delete("Condition", conditions[0])
+    back = await store.read("Condition", conditions[1])
+    assert back is not None
+    await store.delete("Condition", conditions[1])
+    await store.write([back])  # deleted and re-created in the window: output only
+    job = await harness.submit(types=["Observation", "Condition", "Patient"], since=since)
+    await store.delete("Observation", observations[4])  # after the kick-off: not listed
+    view = await harness.run_all(job.id)
+    assert view.job.status == JobStatus.COMPLETED
+    assert sorted(await _deleted_urls(harness, job.id)) == sorted(
+        [f"Observation/{i}" for i in observations[1:4]] + [f"Condition/{conditions[0]}"]
+    )
+    deleted_items = [i for i in view.exports if i.content == "deleted"]
+    assert sorted(i.type for i in deleted_items) == ["Condition", "Observation"]
+    output = [f for f in view.files if f.role == "output"]
+    assert [(f.type, f.count) for f in output] == [("Condition", 1)]
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()
+    assert report.found["Observation (deleted)"] == 3
+
+
+async def test_deletions_at_group_level_follow_the_deleted_versions_compartment(
+    harness: Harness,
+) -> None:
+    store = harness.runtime.resources
+    groups = [g async for g in _groups(store)]
+    group = min(groups, key=lambda g: len(g["member"]))
+    members = {m["entity"]["reference"].split("/")[1] for m in group["member"]}
+    since = datetime.now(UTC)
+    by_patient: dict[bool, list[str]] = {True: [], False: []}
+    snap = await store.current_seq()
+    for row in (await store.page(ExportQuery("Observation", snap), 0, 1000)).rows:
+        subject = orjson.loads(row.raw)["subject"]["reference"].split("/")[1]
+        by_patient[subject in members].append(row.id)
+    inside, outside = by_patient[True][:2], by_patient[False][:2]
+    for id_ in inside + outside:
+        await store.delete("Observation", id_)
+    job = await harness.submit(ExportKind.GROUP, group_id=group["id"], since=since)
+    view = await harness.run_all(job.id)
+    assert sorted(await _deleted_urls(harness, job.id)) == sorted(
+        f"Observation/{i}" for i in inside
+    )
+    assert not [f for f in view.files if f.role == "output"]  # nothing changed since
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()
+
+
+async def test_a_drained_deletions_item_resumes_from_its_checkpoint(harness: Harness) -> None:
+    harness.runtime.settings = harness.settings.model_copy(
+        update={"page_size": 2, "commit_every_pages": 1}
+    )
+    store = harness.runtime.resources
+    since = datetime.now(UTC)
+    for id_ in (await _ids(store, "Observation"))[:7]:
+        await store.delete("Observation", id_)
+    job_id, item = await one_item(harness, types=["Observation"], since=since)
+    assert item.content == "deleted"
+    signals = JobSignals()
+    original = store.deletions
+    calls = 0
+
+    async def deletions_then_drain(query: ExportQuery, after: int, limit: int) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            signals.drain.set()
+        return await original(query, after, limit)
+
+    store.deletions = deletions_then_drain  # type: ignore[method-assign]
+    await harness.task(item, signals).run()
+    store.deletions = original  # type: ignore[method-assign]
+    drained = await harness.runtime.operations.get(item.id)
+    assert isinstance(drained, ExportItemRecord) and drained.status == JobStatus.QUEUED
+    assert drained.resources_done == 4 and drained.output[0].count == 4
+    resumed = await harness.acquire()
+    done = await harness.run(resumed)
+    assert isinstance(done, ExportItemRecord) and done.resources_done == 7
+    assert len(await _deleted_urls(harness, job_id)) == 7
+    report = await harness.validate(job_id)
+    assert report.ok, report.render()
