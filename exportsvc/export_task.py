@@ -25,9 +25,11 @@ import orjson
 
 from datastore.resources import Deletion, ExportQuery, ResourceStore, Row
 from datastore.versioning import fhir_instant
+from exportsvc.associated import AssociatedProvenance
 from exportsvc.errors import InvalidRequest
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT
 from exportsvc.fhir.group import member_ids
+from exportsvc.fhir.provenance import PROVENANCE_VALUES
 from exportsvc.records import (
     ExportItemRecord,
     ExportJobRecord,
@@ -128,6 +130,9 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
         types = request.types or await self.resources.types(record.snapshot_seq)
         if request.kind != ExportKind.SYSTEM:
             types = [t for t in types if t in PATIENT_COMPARTMENT]
+        with_provenance = bool(PROVENANCE_VALUES & set(request.associated))
+        if with_provenance:  # the associated Provenance are an item of their own, below
+            types = [t for t in types if t != "Provenance"]
         items: list[ExportItemRecord] = []
         for type_ in types:
             bounds = await self.resources.seq_bounds(type_, record.snapshot_seq)
@@ -147,6 +152,12 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
                 if deleted:
                     items.append(self._item(type_, None, low, high, content="deleted"))
                     items[-1].total_estimate = deleted
+        bounds = await self.resources.seq_bounds("Provenance", record.snapshot_seq)
+        if with_provenance and bounds is not None:
+            every = await self.resources.count(ExportQuery("Provenance", record.snapshot_seq))
+            item = self._item("Provenance", None, bounds[0] - 1, bounds[1], content="provenance")
+            item.total_estimate = every  # at most: those associated are known at the end
+            items.append(item)
         for n, item in enumerate(items):  # distinct, increasing: leased in plan order
             item.created_at = record.created_at + timedelta(microseconds=n + 1)
         return items
@@ -163,8 +174,8 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
         record = self.record
         item_id = uuid.uuid4().hex
         scope = type_ if part is None else f"{type_}.{part:03d}"
-        if content != "resources":
-            scope = f"{type_}.{content}"
+        if content == "deleted":
+            scope = f"{type_}.deleted"
         return ExportItemRecord(
             id=item_id,
             client=record.client,
@@ -183,6 +194,8 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
 
 
 class ExportItemTask(JobTask[ExportItemRecord]):
+    _provenance: AssociatedProvenance | None = None
+
     @property
     def container(self) -> str | None:
         return self.record.request.container
@@ -203,15 +216,21 @@ class ExportItemTask(JobTask[ExportItemRecord]):
         if record.started_at is None:
             record.started_at = utcnow()
         query = await export_query(self.resources, record.request, record.snapshot_seq, record.type)
+        if record.content == "provenance":
+            self._provenance = AssociatedProvenance(self.resources, record.request, query)
+            query = self._provenance.query
+            await self._provenance.prepare(self.settings.page_size)
         pages_since_commit, last_commit = 0, time.monotonic()
         while not record.done:
             if await self._stop_requested():
                 return
             page, last = await self._page(query)
             rows = [row for row in page if row.seq <= record.seq_max]
-            await self._append(rows)
             record.after_seq = rows[-1].seq if rows else record.after_seq
             record.done = last or len(rows) < len(page)
+            if self._provenance is not None:
+                rows = await self._provenance.select(rows)
+            await self._append(rows)
             record.resources_done += len(rows)
             record.pages_read += 1
             pages_since_commit += 1

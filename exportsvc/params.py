@@ -16,6 +16,7 @@ import orjson
 
 from exportsvc.errors import InvalidRequest, NotSupported
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT, RESOURCE_TYPES
+from exportsvc.fhir.provenance import PROVENANCE_VALUES
 from exportsvc.records import ExportKind, ExportRequest
 
 FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
@@ -28,12 +29,12 @@ ACCEPTABLE = {"application/fhir+json", "application/json", "application/json+fhi
 UNSUPPORTED = {
     "_typeFilter",
     "_elements",
-    "includeAssociatedData",
     "organizeOutputBy",
     "allowPartialManifests",
 }
 SINGLE = {"_outputFormat", "_since", "_until", "_container"}
 KNOWN = {"_outputFormat", "_type", "_since", "_until", "patient", "_container"}
+KNOWN |= {"includeAssociatedData"}
 
 
 def parse_prefer(header: str | None) -> set[str]:
@@ -110,6 +111,28 @@ def _types(values: Sequence[str], kind: ExportKind, notes: list[str]) -> list[st
     return types
 
 
+def _associated(values: Sequence[str], lenient: bool, notes: list[str]) -> list[str]:
+    """``includeAssociatedData`` (comma list, repeatable): the provenance values; any
+    other value (custom ``_...`` ones included) is refused, or ignored when lenient."""
+    chosen: list[str] = []
+    unknown: list[str] = []
+    for value in values:
+        for name in (v.strip() for v in value.split(",")):
+            if name in PROVENANCE_VALUES and name not in chosen:
+                chosen.append(name)
+            elif name not in PROVENANCE_VALUES and name not in unknown:
+                unknown.append(name)
+    if unknown:
+        problem = (
+            f"includeAssociatedData {', '.join(repr(u) for u in unknown)} is not supported; "
+            f"use {' or '.join(sorted(PROVENANCE_VALUES))}"
+        )
+        if not lenient:
+            raise InvalidRequest(problem)
+        notes.append(f"{problem}; ignored (Prefer: handling=lenient)")
+    return chosen
+
+
 def _patients(values: Sequence[str], kind: ExportKind, method: str) -> list[str]:
     if not values:
         return []
@@ -177,6 +200,7 @@ def parse_export_request(
             f"_container {container[:80]!r} is not a valid container name: 3-63 lowercase "
             "letters, digits and single hyphens, starting and ending with a letter or digit"
         )
+    associated = _associated(values.get("includeAssociatedData", []), lenient, ignored)
     return ExportRequest(
         kind=kind,
         group_id=group_id,
@@ -188,4 +212,5 @@ def parse_export_request(
         container=container,
         request_url=request_url,
         ignored=ignored,
+        associated=associated,
     )

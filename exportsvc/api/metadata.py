@@ -10,22 +10,40 @@ from aiohttp import web
 from exportsvc.api.keys import base_url
 from exportsvc.auth.oauth import capability_security
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT, RESOURCE_TYPES
+from exportsvc.fhir.provenance import PROVENANCE_VALUES
+from exportsvc.params import KNOWN
 
 routes = web.RouteTableDef()
 BULK = "http://hl7.org/fhir/uv/bulkdata"
+
+
+def export_parameters() -> str:
+    """The kick-off parameters and preferences this server implements (from the parser,
+    so the statement never claims one it refuses)."""
+    names = sorted(KNOWN - {"_container"}, key=lambda n: n.lstrip("_").lower())
+    described = {
+        "includeAssociatedData": f"includeAssociatedData ({', '.join(sorted(PROVENANCE_VALUES))})",
+        "patient": "patient (POST, Patient and Group level)",
+    }
+    listed = ", ".join(described.get(n, n) for n in names)
+    return (
+        f"Supported parameters: {listed}. The manifest gives count and fileSize for every "
+        "file, and deleted[] (transaction Bundles) when _since is given. "
+        "Prefer: handling=lenient is supported."
+    )
+
+
+def _operation(definition: str) -> dict[str, object]:
+    return {"name": "export", "definition": definition, "documentation": export_parameters()}
 
 
 def capability_statement(base: str, security: dict[str, object] | None = None) -> dict[str, object]:
     def resource(type_: str) -> dict[str, object]:
         entry: dict[str, object] = {"type": type_, "interaction": []}
         if type_ == "Patient":
-            entry["operation"] = [
-                {"name": "export", "definition": f"{BULK}/OperationDefinition/patient-export"}
-            ]
+            entry["operation"] = [_operation(f"{BULK}/OperationDefinition/patient-export")]
         elif type_ == "Group":
-            entry["operation"] = [
-                {"name": "export", "definition": f"{BULK}/OperationDefinition/group-export"}
-            ]
+            entry["operation"] = [_operation(f"{BULK}/OperationDefinition/group-export")]
         return entry
 
     return {
@@ -47,9 +65,7 @@ def capability_statement(base: str, security: dict[str, object] | None = None) -
                     "compartment."
                 ),
                 "resource": [resource(t) for t in sorted(RESOURCE_TYPES)],
-                "operation": [
-                    {"name": "export", "definition": f"{BULK}/OperationDefinition/export"},
-                ],
+                "operation": [_operation(f"{BULK}/OperationDefinition/export")],
                 **({"security": security} if security else {}),
             }
         ],

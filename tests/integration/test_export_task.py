@@ -414,3 +414,113 @@ async def test_a_drained_deletions_item_resumes_from_its_checkpoint(harness: Har
     assert len(await _deleted_urls(harness, job_id)) == 7
     report = await harness.validate(job_id)
     assert report.ok, report.render()
+
+
+async def _current(store: ResourceStore, type_: str) -> list[dict[str, Any]]:
+    page = await store.page(ExportQuery(type_, await store.current_seq()), 0, 10_000)
+    return [orjson.loads(row.raw) for row in page.rows]
+
+
+async def _exported_ids(harness: Harness, job_id: str, type_: str) -> list[str]:
+    view = await harness.view(job_id)
+    dest = harness.runtime.destinations.for_job(job_id, None)
+    ids = []
+    for f in view.files:
+        if f.type == type_ and f.role == "output":
+            body = b"".join([c async for c in dest.read(f.name)])
+            ids += [orjson.loads(line)["id"] for line in body.splitlines()]
+    return ids
+
+
+def _targets(provenance: dict[str, Any]) -> set[str]:
+    return {t["reference"] for t in provenance["target"]}
+
+
+@pytest.mark.parametrize("value", ["RelevantProvenanceResources", "LatestProvenanceResources"])
+async def test_associated_provenance_of_the_exported_resources(
+    harness: Harness, value: str
+) -> None:
+    store = harness.runtime.resources
+    provenance = await _current(store, "Provenance")
+    encounters = await _current(store, "Encounter")
+    since = datetime(2024, 1, 1, tzinfo=UTC)
+    exported = {
+        f"Encounter/{e['id']}" for e in encounters if e["meta"]["lastUpdated"] >= "2024-01-01"
+    }
+    assert 0 < len(exported) < len(encounters)
+    # In Python: the Provenance naming an exported Encounter; Latest: the most recent one
+    # (here `recorded` decides) of each exported Encounter.
+    relevant = {p["id"] for p in provenance if _targets(p) & exported}
+    latest = {
+        max((p for p in provenance if e in _targets(p)), key=lambda p: p["recorded"])["id"]
+        for e in exported
+    }
+    assert latest < relevant, "the seed has amended records: Latest is a real subset"
+    job = await harness.submit(types=["Encounter", "Provenance"], since=since, associated=[value])
+    view = await harness.run_all(job.id)
+    assert view.job.status == JobStatus.COMPLETED
+    got = await _exported_ids(harness, job.id, "Provenance")
+    assert sorted(got) == sorted(relevant if value.startswith("Relevant") else latest)
+    assert sorted(await _exported_ids(harness, job.id, "Encounter")) == sorted(
+        e.split("/")[1] for e in exported
+    )
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()
+
+    # Observations have no Provenance here: an export of them adds none.
+    job = await harness.submit(types=["Observation"], associated=[value])
+    view = await harness.run_all(job.id)
+    assert {f.type for f in view.files} == {"Observation"}
+    assert (await harness.validate(job.id)).ok
+
+
+async def test_associated_provenance_at_group_level_and_after_a_drain(harness: Harness) -> None:
+    harness.runtime.settings = harness.settings.model_copy(
+        update={"page_size": 2, "commit_every_pages": 1}
+    )
+    store = harness.runtime.resources
+    group = min([g async for g in _groups(store)], key=lambda g: len(g["member"]))
+    members = {m["entity"]["reference"] for m in group["member"]}
+    provenance = await _current(store, "Provenance")
+    mine = [p for p in provenance if _targets(p) & members]
+    latest = {max(mine, key=lambda p: p["recorded"])["id"]} if len(members) == 1 else None
+    job = await harness.submit(
+        ExportKind.GROUP,
+        group_id=group["id"],
+        types=["Patient"],
+        associated=["LatestProvenanceResources"],
+    )
+    items = await harness.plan()
+    assert [(i.type, i.content) for i in items] == [
+        ("Patient", "resources"),
+        ("Provenance", "provenance"),
+    ]
+    await harness.run(await harness.acquire())  # the Patients
+    item = await harness.acquire()
+    assert isinstance(item, ExportItemRecord) and item.content == "provenance"
+    signals = JobSignals()
+    original = store.page
+    calls, prepare_calls = 0, len(provenance) // 2 + 1  # the read-only pass of Latest
+
+    async def page_then_drain(query: ExportQuery, after: int, limit: int) -> Page:
+        nonlocal calls
+        calls += 1
+        if calls == prepare_calls + 2:
+            signals.drain.set()
+        return await original(query, after, limit)
+
+    store.page = page_then_drain  # type: ignore[method-assign]
+    await harness.task(item, signals).run()
+    store.page = original  # type: ignore[method-assign]
+    drained = await harness.runtime.operations.get(item.id)
+    assert isinstance(drained, ExportItemRecord) and drained.status == JobStatus.QUEUED
+    assert drained.pages_read == 2
+    done = await harness.run(await harness.acquire())
+    assert done.status == JobStatus.COMPLETED
+    got = await _exported_ids(harness, job.id, "Provenance")
+    # Each member's Patient record: its most recent Provenance, once.
+    assert len(got) == len(set(got)) == len(members)
+    if latest is not None:
+        assert set(got) == latest
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()

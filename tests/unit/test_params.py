@@ -179,3 +179,22 @@ def test_container_names_accepted(name: str) -> None:
 def test_container_names_refused(name: str) -> None:
     with pytest.raises(InvalidRequest, match="_container"):
         parse([("_container", name)])
+
+
+def test_include_associated_data_values() -> None:
+    request = parse(
+        [
+            ("includeAssociatedData", "LatestProvenanceResources"),
+            ("includeAssociatedData", "RelevantProvenanceResources,LatestProvenanceResources"),
+        ]
+    )
+    assert request.associated == ["LatestProvenanceResources", "RelevantProvenanceResources"]
+    assert parse([]).associated == []
+    with pytest.raises(InvalidRequest, match="includeAssociatedData '_custom', 'Nope'"):
+        parse([("includeAssociatedData", "_custom,LatestProvenanceResources,Nope")])
+    lenient = parse(
+        [("includeAssociatedData", "Nope,RelevantProvenanceResources")],
+        prefer="respond-async, handling=lenient",
+    )
+    assert lenient.associated == ["RelevantProvenanceResources"]
+    assert len(lenient.ignored) == 1 and "'Nope'" in lenient.ignored[0]
