@@ -30,11 +30,12 @@ UNSUPPORTED = {
     "_typeFilter",
     "_elements",
     "organizeOutputBy",
-    "allowPartialManifests",
 }
 SINGLE = {"_outputFormat", "_since", "_until", "_container"}
 KNOWN = {"_outputFormat", "_type", "_since", "_until", "patient", "_container"}
-KNOWN |= {"includeAssociatedData"}
+KNOWN |= {"includeAssociatedData", "allowPartialManifests"}
+SINGLE |= {"allowPartialManifests"}
+BOOLEANS = {"true": True, "false": False}
 
 
 def parse_prefer(header: str | None) -> set[str]:
@@ -201,6 +202,9 @@ def parse_export_request(
             "letters, digits and single hyphens, starting and ending with a letter or digit"
         )
     associated = _associated(values.get("includeAssociatedData", []), lenient, ignored)
+    partial = values.get("allowPartialManifests", ["false"])[0]
+    if partial not in BOOLEANS:
+        raise InvalidRequest(f"allowPartialManifests {partial[:40]!r} is not true or false")
     return ExportRequest(
         kind=kind,
         group_id=group_id,
@@ -213,4 +217,6 @@ def parse_export_request(
         request_url=request_url,
         ignored=ignored,
         associated=associated,
+        partial_manifests=BOOLEANS[partial],
+        separate_status="separate-export-status" in preferences,
     )

@@ -29,7 +29,7 @@ def export_parameters() -> str:
     return (
         f"Supported parameters: {listed}. The manifest gives count and fileSize for every "
         "file, and deleted[] (transaction Bundles) when _since is given. "
-        "Prefer: handling=lenient is supported."
+        "Prefer: handling=lenient and Prefer: separate-export-status are supported."
     )
 
 

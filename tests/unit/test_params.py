@@ -198,3 +198,15 @@ def test_include_associated_data_values() -> None:
     )
     assert lenient.associated == ["RelevantProvenanceResources"]
     assert len(lenient.ignored) == 1 and "'Nope'" in lenient.ignored[0]
+
+
+def test_allow_partial_manifests_and_separate_export_status() -> None:
+    assert parse([("allowPartialManifests", "true")]).partial_manifests is True
+    assert parse([("allowPartialManifests", "false")]).partial_manifests is False
+    assert parse([]).partial_manifests is False
+    with pytest.raises(InvalidRequest, match="allowPartialManifests 'yes'"):
+        parse([("allowPartialManifests", "yes")])
+    with pytest.raises(InvalidRequest, match="allowPartialManifests may be given only once"):
+        parse([("allowPartialManifests", "true"), ("allowPartialManifests", "true")])
+    assert parse([], prefer="respond-async, separate-export-status").separate_status is True
+    assert parse([], prefer="respond-async").separate_status is False
