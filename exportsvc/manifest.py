@@ -30,6 +30,14 @@ def page_files(view: JobView, page: int) -> list[OutputFile] | None:
     return list(item.output) + (list(view.job.output) if page == 0 else [])
 
 
+def page_ready_at(view: JobView, page: int) -> datetime | None:
+    """When page ``page`` came to exist: its URLs expire a TTL after that."""
+    if page_files(view, page) is None:
+        return None
+    items = view.exports
+    return items[page].completed_at if items else view.job.completed_at
+
+
 def available_files(view: JobView) -> list[OutputFile]:
     """Files a client may download: all of a completed export; of a running one with
     partial manifests, those of the pages that exist."""

@@ -25,7 +25,7 @@ from exportsvc.api.keys import (
 from exportsvc.api.outcome import outcome_response
 from exportsvc.auth.middleware import check_export_types
 from exportsvc.errors import NotFound
-from exportsvc.manifest import available_files, manifest, page_files
+from exportsvc.manifest import available_files, manifest, page_files, page_ready_at
 from exportsvc.params import parameters_body, parse_export_request
 from exportsvc.records import (
     ExportJobRecord,
@@ -198,6 +198,12 @@ def _manifest_response(
     job = view.job
     assert isinstance(job, ExportJobRecord)
     expires = _expiry(view, request)
+    ready = page_ready_at(view, page) if page is not None else None
+    if ready is not None:  # a page's URLs stay the same until they expire
+        ttl = timedelta(seconds=request.app[SETTINGS].output_ttl_seconds)
+        expires = ready + ttl
+        while expires <= utcnow():
+            expires += ttl
     next_url = None
     if page is not None and page_files(view, page + 1) is not None:
         next_url = f"{status_url(request, job.id)}/page/{page + 1}"

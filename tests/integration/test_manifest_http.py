@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+from email.utils import format_datetime
 from typing import Any
 
 import pytest
@@ -129,6 +131,12 @@ async def test_partial_manifests_grow_by_pages_that_never_change(settings: Setti
         dest = app[DESTINATIONS].for_job(job_id, None)
         report = await validate_export(view, app[RESOURCES], dest)
         assert report.ok, report.render()
+        # A page's URLs expire a TTL after the page came to exist, not after each poll.
+        completed = view.exports[1].completed_at
+        assert completed is not None
+        expires = completed + timedelta(seconds=app[SETTINGS].output_ttl_seconds)
+        async with session.get(f"{status_url}/page/1") as response:
+            assert response.headers["Expires"] == format_datetime(expires, usegmt=True)
 
 
 @pytest.mark.parametrize("value", ["yes", "1"])
