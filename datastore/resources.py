@@ -49,6 +49,31 @@ class ExportQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class BlockQuery:
+    """Resources by Patient compartment, as of ``snapshot_seq`` (``organizeOutputBy``)."""
+
+    snapshot_seq: int
+    types: Sequence[str] = ()
+    """Only these types; empty: every type."""
+    since: datetime | None = None
+    until: datetime | None = None
+    patients: Sequence[str] | None = None
+    """Only the compartments of these Patients; None: every Patient's."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRow:
+    """A resource in the compartment of ``patient``: one row per (patient, resource)."""
+
+    patient: str
+    seq: int
+    type: str
+    id: str
+    version: int
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Row:
     seq: int
     id: str
@@ -189,6 +214,15 @@ class ResourceStore(abc.ABC):
     @abc.abstractmethod
     async def count_deletions(self, query: ExportQuery) -> int:
         """How many resources :meth:`deletions` pages through."""
+
+    @abc.abstractmethod
+    async def blocks(
+        self, query: BlockQuery, after: tuple[str, int], limit: int
+    ) -> tuple[list[BlockRow], bool]:
+        """Up to ``limit`` (patient, resource) pairs after ``after`` in (patient id,
+        ``seq``) order: the resources current at the snapshot, selected by type and
+        ``_since``/``_until``, in each Patient's compartment; and whether it is the last
+        page. A resource in several compartments comes once for each."""
 
     @abc.abstractmethod
     def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:

@@ -13,6 +13,8 @@ from datastore.memory.operations import MemoryOperationDataStore
 from datastore.resources import (
     MAX_TIME,
     MIN_TIME,
+    BlockQuery,
+    BlockRow,
     Checkpoint,
     Deletion,
     DeletionPage,
@@ -188,6 +190,24 @@ class MemoryResourceStore(ResourceStore):
 
     async def count_deletions(self, query: ExportQuery) -> int:
         return sum(1 for v in self._versions if self._deleted(v, query))
+
+    async def blocks(
+        self, query: BlockQuery, after: tuple[str, int], limit: int
+    ) -> tuple[list[BlockRow], bool]:
+        since, until = to_micros(query.since, MIN_TIME), to_micros(query.until, MAX_TIME)
+        found = []
+        for v in self._versions:
+            if not self._visible(v, query.snapshot_seq) or not since <= v.last_updated <= until:
+                continue
+            if query.types and v.type not in query.types:
+                continue
+            assert v.raw is not None
+            for patient in v.patients:
+                wanted = query.patients is None or patient in query.patients
+                if wanted and (patient, v.seq) > after:
+                    found.append(BlockRow(patient, v.seq, v.type, v.id, v.version, v.raw))
+        found.sort(key=lambda r: (r.patient, r.seq))
+        return found[:limit], len(found) < limit
 
     async def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:
         for v in list(self._versions):

@@ -40,6 +40,8 @@ from datastore.postgres.operations import save_args
 from datastore.resources import (
     MAX_TIME,
     MIN_TIME,
+    BlockQuery,
+    BlockRow,
     Checkpoint,
     Deletion,
     DeletionPage,
@@ -245,6 +247,27 @@ class PostgresResourceStore(ResourceStore):
         sql = f"SELECT count(*) FROM ({Q[f'deletions_{variant}'].rstrip(';')}) AS d"
         async with self.db.connection() as conn:  # LIMIT NULL is no limit
             return int(await conn.fetchval(sql, *args, 0, None, *tail))
+
+    async def blocks(
+        self, query: BlockQuery, after: tuple[str, int], limit: int
+    ) -> tuple[list[BlockRow], bool]:
+        args = [
+            query.snapshot_seq,
+            to_micros(query.since, MIN_TIME),
+            to_micros(query.until, MAX_TIME),
+            list(query.types) or None,
+            after[0],
+            after[1],
+            limit,
+        ]
+        sql = Q["blocks_all"]
+        if query.patients is not None:
+            args.append(list(query.patients))
+            sql = Q["blocks_patients"]
+        async with self.db.connection() as conn:
+            records = await conn.fetch(sql, *args)
+        rows = [BlockRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in records]
+        return rows, len(rows) < limit
 
     async def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:
         after = 0

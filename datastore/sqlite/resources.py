@@ -15,6 +15,8 @@ from datastore.columns import save_params
 from datastore.resources import (
     MAX_TIME,
     MIN_TIME,
+    BlockQuery,
+    BlockRow,
     Checkpoint,
     Deletion,
     DeletionPage,
@@ -148,6 +150,30 @@ class SqliteResourceStore(ResourceStore):
         params.update(after=0, limit=-1)  # SQLite: LIMIT -1 is no limit
         sql = f"SELECT count(*) FROM ({Q[f'deletions_{variant}'].rstrip(';')})"
         return await self.db.run(lambda c: int(c.execute(sql, params).fetchone()[0]))
+
+    async def blocks(
+        self, query: BlockQuery, after: tuple[str, int], limit: int
+    ) -> tuple[list[BlockRow], bool]:
+        params: dict[str, Any] = {
+            "snap": query.snapshot_seq,
+            "since": to_micros(query.since, MIN_TIME),
+            "until": to_micros(query.until, MAX_TIME),
+            "types": orjson.dumps(list(query.types)).decode(),
+            "any_type": not query.types,
+            "after_patient": after[0],
+            "after_seq": after[1],
+            "limit": limit,
+        }
+        sql = Q["blocks_all"]
+        if query.patients is not None:
+            params["patients"] = orjson.dumps(list(query.patients)).decode()
+            sql = Q["blocks_patients"]
+
+        def blocks(conn: sqlite3.Connection) -> tuple[list[BlockRow], bool]:
+            rows = [BlockRow(*r) for r in conn.execute(sql, params)]
+            return rows, len(rows) < limit
+
+        return await self.db.run(blocks)
 
     async def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:
         after = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from datastore.resources import ExportQuery, ResourceStore
+from datastore.resources import BlockQuery, ExportQuery, ResourceStore
 
 
 def patient(
@@ -199,3 +199,56 @@ async def test_deletions_in_a_window_as_of_the_snapshot(resources: ResourceStore
     page = await resources.deletions(ExportQuery("Patient", snap, since=since), 0, 10)
     assert [(d.id, d.version) for d in page.rows] == [("b", 2), ("e", 2)] and page.last
     assert page.rows[0].deleted_at == int(b_at.timestamp() * 1_000_000)
+
+
+async def all_blocks(store: ResourceStore, query: BlockQuery) -> list[tuple[str, str, str]]:
+    found: list[tuple[str, str, str]] = []
+    after = ("", 0)
+    while True:
+        rows, last = await store.blocks(query, after, 2)
+        found += [(r.patient, r.type, r.id) for r in rows]
+        after = (rows[-1].patient, rows[-1].seq) if rows else after
+        if last:
+            return found
+
+
+async def test_blocks_by_patient_compartment(resources: ResourceStore) -> None:
+    await resources.write(
+        [patient("p2"), patient("p1", updated="2020-01-01T00:00:00.000Z")], keep_last_updated=True
+    )
+    await resources.write(
+        [
+            observation("o1", "p1"),
+            observation("o2", "p2"),
+            observation("o3", "ghost"),  # a compartment without a Patient resource
+            {
+                "resourceType": "Observation",
+                "id": "both",
+                "status": "final",
+                "subject": {"reference": "Patient/p1"},
+                "performer": [{"reference": "Patient/p2"}],
+            },
+            {"resourceType": "Organization", "id": "org"},
+        ]
+    )
+    await resources.write([observation("o1", "p1", value=2)])  # a second version
+    await resources.delete("Observation", "o2")
+    snap = await resources.current_seq()
+    await resources.write([observation("late", "p1")])
+
+    everything = await all_blocks(resources, BlockQuery(snap))
+    assert everything == [
+        ("ghost", "Observation", "o3"),
+        ("p1", "Patient", "p1"),
+        ("p1", "Observation", "both"),
+        ("p1", "Observation", "o1"),
+        ("p2", "Patient", "p2"),
+        ("p2", "Observation", "both"),
+    ]
+    rows, _ = await resources.blocks(BlockQuery(snap), ("p1", 0), 10)
+    assert [(r.patient, r.id, r.version) for r in rows][2] == ("p1", "o1", 2)
+    assert rows[0].raw.startswith(b'{"resourceType":"Patient","id":"p1"')
+    only_p2 = BlockQuery(snap, types=["Observation"], patients=["p2"])
+    assert await all_blocks(resources, only_p2) == [("p2", "Observation", "both")]
+    since = BlockQuery(snap, types=["Patient"], since=datetime(2021, 1, 1, tzinfo=UTC))
+    assert await all_blocks(resources, since) == [("p2", "Patient", "p2")]

@@ -154,3 +154,25 @@ WHERE type = $1 AND deleted AND seq > $5 AND seq <= $2
       AND rp.patient_id = ANY($7::text[])
   )
 ORDER BY seq LIMIT $6;
+
+-- name: blocks_all
+-- organizeOutputBy=Patient: (patient, resource) pairs in (patient id, seq) order, keyset
+-- pages over the resource_patients primary key. ($1 snapshot, $2 since, $3 until,
+-- $4 types or NULL, $5/$6 after (patient, seq), $7 limit, $8 patients).
+SELECT rp.patient_id, r.seq, r.type, r.id, r.version, r.raw
+FROM resource_patients AS rp JOIN resources AS r ON r.seq = rp.seq
+WHERE (rp.patient_id, rp.seq) > ($5, $6) AND rp.seq <= $1
+  AND (r.next_seq IS NULL OR r.next_seq > $1) AND NOT r.deleted
+  AND r.last_updated >= $2 AND r.last_updated <= $3
+  AND ($4::text[] IS NULL OR r.type = ANY($4::text[]))
+ORDER BY rp.patient_id, rp.seq LIMIT $7;
+
+-- name: blocks_patients
+SELECT rp.patient_id, r.seq, r.type, r.id, r.version, r.raw
+FROM resource_patients AS rp JOIN resources AS r ON r.seq = rp.seq
+WHERE (rp.patient_id, rp.seq) > ($5, $6) AND rp.seq <= $1
+  AND rp.patient_id = ANY($8::text[])
+  AND (r.next_seq IS NULL OR r.next_seq > $1) AND NOT r.deleted
+  AND r.last_updated >= $2 AND r.last_updated <= $3
+  AND ($4::text[] IS NULL OR r.type = ANY($4::text[]))
+ORDER BY rp.patient_id, rp.seq LIMIT $7;

@@ -124,3 +124,24 @@ WHERE type = :type AND deleted = 1 AND seq > :after AND seq <= :snap
       AND rp.patient_id IN (SELECT value FROM json_each(:patients))
   )
 ORDER BY seq LIMIT :limit;
+
+-- name: blocks_all
+-- organizeOutputBy=Patient: (patient, resource) pairs in (patient id, seq) order, keyset
+-- pages over the resource_patients primary key.
+SELECT rp.patient_id, r.seq, r.type, r.id, r.version, r.raw
+FROM resource_patients AS rp JOIN resources AS r ON r.seq = rp.seq
+WHERE (rp.patient_id, rp.seq) > (:after_patient, :after_seq) AND rp.seq <= :snap
+  AND (r.next_seq IS NULL OR r.next_seq > :snap) AND r.deleted = 0
+  AND r.last_updated >= :since AND r.last_updated <= :until
+  AND (:any_type OR r.type IN (SELECT value FROM json_each(:types)))
+ORDER BY rp.patient_id, rp.seq LIMIT :limit;
+
+-- name: blocks_patients
+SELECT rp.patient_id, r.seq, r.type, r.id, r.version, r.raw
+FROM resource_patients AS rp JOIN resources AS r ON r.seq = rp.seq
+WHERE (rp.patient_id, rp.seq) > (:after_patient, :after_seq) AND rp.seq <= :snap
+  AND rp.patient_id IN (SELECT value FROM json_each(:patients))
+  AND (r.next_seq IS NULL OR r.next_seq > :snap) AND r.deleted = 0
+  AND r.last_updated >= :since AND r.last_updated <= :until
+  AND (:any_type OR r.type IN (SELECT value FROM json_each(:types)))
+ORDER BY rp.patient_id, rp.seq LIMIT :limit;
