@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import orjson
 
-from datastore.resources import Deletion, ExportQuery, ResourceStore, Row
+from datastore.resources import BlockQuery, BlockRow, Deletion, ExportQuery, ResourceStore, Row
 from datastore.versioning import fhir_instant
 from exportsvc.associated import AssociatedProvenance
 from exportsvc.errors import InvalidRequest
@@ -43,14 +43,14 @@ from exportsvc.tasks import JobSignals, JobTask, outcome_line, shielded
 
 __all__ = ["ExportItemTask", "ExportPlanTask", "JobSignals", "export_query", "shielded"]
 ERRORS_SCOPE = "OperationOutcome"
-ItemContent = Literal["resources", "deleted", "provenance"]
+ItemContent = Literal["resources", "deleted", "provenance", "organized"]
 
 
 async def export_query(
     resources: ResourceStore, request: ExportRequest, snapshot_seq: int, type_: str
 ) -> ExportQuery:
     """What the export reads of ``type_``: the store as of the snapshot, filtered."""
-    compartment = request.kind != ExportKind.SYSTEM
+    compartment = request.kind != ExportKind.SYSTEM or request.organize_by is not None
     patients: list[str] | None = request.patients or None
     if request.kind == ExportKind.GROUP:
         group = await resources.read("Group", request.group_id or "", snapshot_seq)
@@ -128,12 +128,13 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
     async def _plan(self) -> list[ExportItemRecord]:
         record, request = self.record, self.record.request
         types = request.types or await self.resources.types(record.snapshot_seq)
-        if request.kind != ExportKind.SYSTEM:
+        if request.kind != ExportKind.SYSTEM or request.organize_by:
             types = [t for t in types if t in PATIENT_COMPARTMENT]
         with_provenance = bool(PROVENANCE_VALUES & set(request.associated))
         if with_provenance:  # the associated Provenance are an item of their own, below
             types = [t for t in types if t != "Provenance"]
         items: list[ExportItemRecord] = []
+        blocks = 0
         for type_ in types:
             bounds = await self.resources.seq_bounds(type_, record.snapshot_seq)
             if bounds is None:
@@ -141,6 +142,8 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
             query = await export_query(self.resources, request, record.snapshot_seq, type_)
             count = await self.resources.count(query)
             parts = math.ceil(count / self.settings.export_item_resources)
+            if request.organize_by:  # every type goes into the one item of blocks
+                blocks, parts = blocks + count, 0
             low, high = bounds[0] - 1, bounds[1]
             step = math.ceil((high - low) / parts) if parts else 0
             for part in range(parts):
@@ -152,6 +155,11 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
                 if deleted:
                     items.append(self._item(type_, None, low, high, content="deleted"))
                     items[-1].total_estimate = deleted
+        if blocks:  # before the deletions: its files are the output
+            items.insert(
+                0, self._item("Patient", None, 0, record.snapshot_seq, content="organized")
+            )
+            items[0].total_estimate = blocks
         bounds = await self.resources.seq_bounds("Provenance", record.snapshot_seq)
         if with_provenance and bounds is not None:
             every = await self.resources.count(ExportQuery("Provenance", record.snapshot_seq))
@@ -176,6 +184,8 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
         scope = type_ if part is None else f"{type_}.{part:03d}"
         if content == "deleted":
             scope = f"{type_}.deleted"
+        elif content == "organized":
+            scope = "Patient.blocks"
         return ExportItemRecord(
             id=item_id,
             client=record.client,
@@ -215,6 +225,9 @@ class ExportItemTask(JobTask[ExportItemRecord]):
         record = self.record
         if record.started_at is None:
             record.started_at = utcnow()
+        if record.content == "organized":
+            await self._run_blocks()
+            return
         query = await export_query(self.resources, record.request, record.snapshot_seq, record.type)
         if record.content == "provenance":
             self._provenance = AssociatedProvenance(self.resources, record.request, query)
@@ -288,3 +301,131 @@ class ExportItemTask(JobTask[ExportItemRecord]):
         count = len(chunk)
         chunk.append(b"")
         await self._write(file, b"\n".join(chunk), count)
+
+    # -- organizeOutputBy=Patient ---------------------------------------------------------
+
+    async def _run_blocks(self) -> None:
+        """Blocks of the resources in each Patient's compartment, in Patient id order,
+        checkpointed like any item (the continuation is the last (patient, seq) read)."""
+        record, request = self.record, self.record.request
+        scope = await export_query(self.resources, request, record.snapshot_seq, "Patient")
+        query = BlockQuery(
+            snapshot_seq=record.snapshot_seq,
+            types=[t for t in request.types if t in PATIENT_COMPARTMENT],
+            since=request.since,
+            until=request.until,
+            patients=scope.patients,
+        )
+        blocks = BlockWriter(self, query, record.after_patient or None)
+        pages_since_commit, last_commit = 0, time.monotonic()
+        while not record.done:
+            if await self._stop_requested():
+                return
+            after = (record.after_patient, record.after_seq)
+            rows, last = await self.resources.blocks(query, after, self.settings.page_size)
+            record.resources_done += await blocks.append(rows)
+            if rows:
+                record.after_patient, record.after_seq = rows[-1].patient, rows[-1].seq
+            record.done = last
+            record.pages_read += 1
+            pages_since_commit += 1
+            if (
+                pages_since_commit >= self.settings.commit_every_pages
+                or time.monotonic() - last_commit >= self.settings.commit_interval_seconds
+            ):
+                await self._checkpoint()
+                pages_since_commit, last_commit = 0, time.monotonic()
+        if await self._stop_requested():
+            return
+        await self._checkpoint()
+        await self._complete()
+
+
+def block_header(patient: str) -> bytes:
+    """The ``Parameters`` resource that starts a Patient's block (and each file it
+    continues in)."""
+    reference = {"reference": f"Patient/{patient}"}
+    return orjson.dumps(
+        {
+            "resourceType": "Parameters",
+            "parameter": [{"name": "header", "valueReference": reference}],
+        }
+    )
+
+
+class BlockWriter:
+    """Writes (patient, resource) rows as blocks: a header, the block's Patient (where
+    the export selects it), then the other resources of its compartment.
+
+    Files roll between blocks once past ``max_file_bytes``; a block is split only when
+    its file would pass twice that: the next file starts with the header again and the
+    previous one records ``continues_in`` (the manifest's ``continuesInFile``)."""
+
+    def __init__(self, task: ExportItemTask, query: BlockQuery, block: str | None) -> None:
+        self.task = task
+        self.query = query
+        self.block = block
+        """The Patient whose block the current file ends with (on resume: the last read)."""
+        self.chunk: list[bytes] = []
+        self.pending = 0
+        self.current = task.record.output[-1] if task.record.output else None
+
+    def _used(self) -> int:
+        return (self.task._sizes[self.current.name] if self.current else 0) + self.pending
+
+    async def _flush(self) -> None:
+        if self.current is not None and self.chunk:
+            await self.task._flush(self.current, self.chunk)
+        self.chunk, self.pending = [], 0
+
+    async def _roll(self) -> None:
+        await self._flush()
+        previous = self.current
+        self.current = self.task._new_file("Patient")
+        await self.task.dest.start_file(self.current)
+        if previous is not None and self.block is not None:
+            previous.continues_in = self.current.name  # set only mid-block, see append
+
+    def _put(self, line: bytes) -> None:
+        self.chunk.append(line)
+        self.pending += len(line) + 1
+
+    async def _patient(self, patient: str) -> bytes | None:
+        """The block's Patient as stored, if the export selects it."""
+        if self.query.types and "Patient" not in self.query.types:
+            return None
+        query = ExportQuery(
+            "Patient",
+            self.query.snapshot_seq,
+            since=self.query.since,
+            until=self.query.until,
+            compartment=True,
+            patients=[patient],
+        )
+        page = await self.task.resources.page(query, 0, 100)
+        return next((row.raw for row in page.rows if row.id == patient), None)
+
+    async def append(self, rows: Sequence[BlockRow]) -> int:
+        """Write ``rows``; returns how many resources (not headers) were written."""
+        limit = self.task.settings.max_file_bytes
+        written = 0
+        for row in rows:
+            if row.patient != self.block:
+                if self.current is None or self._used() >= limit:
+                    self.block = None  # a new file at a block boundary continues nothing
+                    await self._roll()
+                self.block = row.patient
+                self._put(block_header(row.patient))
+                patient = await self._patient(row.patient)
+                if patient is not None:
+                    self._put(patient)
+                    written += 1
+            if row.type == "Patient" and row.id == row.patient:
+                continue  # written first in its block
+            if self._used() + len(row.raw) + 1 > 2 * limit:
+                await self._roll()
+                self._put(block_header(row.patient))
+            self._put(row.raw)
+            written += 1
+        await self._flush()
+        return written

@@ -68,21 +68,34 @@ def manifest(
     assert isinstance(job, ExportJobRecord)
     proxied = False
 
-    def entry(f: OutputFile) -> dict[str, object]:
+    organized = job.request.organize_by
+
+    def url_of(name: str) -> str:
         nonlocal proxied
-        url = dest.signed_url(f.name, expires)
+        url = dest.signed_url(name, expires)
         if url is None:
             proxied = True
-            url = f"{base}/_output/{job.id}/{f.name}"
+            url = f"{base}/_output/{job.id}/{name}"
+        return url
+
+    def entry(f: OutputFile) -> dict[str, object]:
         # fileSize (STU4): the committed length, which is the file as downloaded.
-        return {"type": f.type, "url": url, "count": f.count, "fileSize": f.committed_bytes}
+        item: dict[str, object] = {"type": f.type, "url": url_of(f.name), "count": f.count}
+        item["fileSize"] = f.committed_bytes
+        if organized and f.role == "output":  # files of blocks have no single type
+            del item["type"]
+            if f.continues_in:
+                item["continuesInFile"] = url_of(f.continues_in)
+        return item
 
     listed = view.files if files is None else files
     body: dict[str, object] = {
         "transactionTime": job.transaction_time.isoformat().replace("+00:00", "Z"),
         "request": job.request.request_url,
-        "output": [entry(f) for f in listed if f.role == "output"],
     }
+    if organized:
+        body["outputOrganizedBy"] = organized
+    body["output"] = [entry(f) for f in listed if f.role == "output"]
     if job.request.since is not None:  # deletions are reported for a _since export only
         body["deleted"] = [entry(f) for f in listed if f.role == "deleted"]
     body["error"] = [entry(f) for f in listed if f.role == "error"]

@@ -29,12 +29,11 @@ ACCEPTABLE = {"application/fhir+json", "application/json", "application/json+fhi
 UNSUPPORTED = {
     "_typeFilter",
     "_elements",
-    "organizeOutputBy",
 }
 SINGLE = {"_outputFormat", "_since", "_until", "_container"}
 KNOWN = {"_outputFormat", "_type", "_since", "_until", "patient", "_container"}
-KNOWN |= {"includeAssociatedData", "allowPartialManifests"}
-SINGLE |= {"allowPartialManifests"}
+KNOWN |= {"includeAssociatedData", "allowPartialManifests", "organizeOutputBy"}
+SINGLE |= {"allowPartialManifests", "organizeOutputBy"}
 BOOLEANS = {"true": True, "false": False}
 
 
@@ -202,6 +201,15 @@ def parse_export_request(
             "letters, digits and single hyphens, starting and ending with a letter or digit"
         )
     associated = _associated(values.get("includeAssociatedData", []), lenient, ignored)
+    organize_by = values.get("organizeOutputBy", [None])[0]
+    if organize_by is not None and organize_by != "Patient":
+        raise InvalidRequest(f"organizeOutputBy {organize_by[:40]!r} is not supported; use Patient")
+    if organize_by and associated:
+        problem = "includeAssociatedData cannot be combined with organizeOutputBy"
+        if not lenient:
+            raise InvalidRequest(problem)
+        ignored.append(f"{problem}; it was ignored (Prefer: handling=lenient)")
+        associated = []
     partial = values.get("allowPartialManifests", ["false"])[0]
     if partial not in BOOLEANS:
         raise InvalidRequest(f"allowPartialManifests {partial[:40]!r} is not true or false")
@@ -218,5 +226,6 @@ def parse_export_request(
         ignored=ignored,
         associated=associated,
         partial_manifests=BOOLEANS[partial],
+        organize_by=organize_by,
         separate_status="separate-export-status" in preferences,
     )

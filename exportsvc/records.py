@@ -99,6 +99,8 @@ class OutputFile(BaseModel):
     committed_bytes: int = 0
     committed_blocks: list[str] = Field(default_factory=list)
     etag: str | None = None
+    continues_in: str | None = None
+    """``organizeOutputBy``: the file the last block of this one continues in."""
 
 
 class JobRecord(BaseModel):
@@ -162,9 +164,12 @@ class ExportItemRecord(JobRecord):
     seq_max: int
     after_seq: int
     """The continuation point: the last sequence read."""
-    content: Literal["resources", "deleted", "provenance"] = "resources"
+    content: Literal["resources", "deleted", "provenance", "organized"] = "resources"
     """What the item writes: resources of ``type``; transaction Bundles of its deletions
-    (``deleted[]``); or the Provenance associated with the export's other resources."""
+    (``deleted[]``); the Provenance associated with the export's other resources; or
+    (``organizeOutputBy=Patient``) blocks of every selected type by Patient."""
+    after_patient: str = ""
+    """Organized items: the Patient of the last row read (continuation with ``after_seq``)."""
     done: bool = False
     total_estimate: int = 0
     resources_done: int = 0

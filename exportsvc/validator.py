@@ -32,6 +32,7 @@ from exportsvc.records import (
     ImportBatchRecord,
     ImportJobRecord,
     JobStatus,
+    OutputFile,
 )
 from exportsvc.sources import SourceReader
 from exportsvc.views import JobView
@@ -87,6 +88,8 @@ class _Expected:
     """(type, id) → (versionId, digest) of each version the request selects."""
     deleted: dict[Key, int] = field(default_factory=dict)
     """(type, id) → version of the deletion, for each resource ``deleted[]`` lists."""
+    blocks: dict[Key, frozenset[str]] = field(default_factory=dict)
+    """organizeOutputBy: (type, id) → the Patients whose blocks must hold it."""
 
 
 async def _expected(record: ExportJobRecord, resources: ResourceStore) -> _Expected:
@@ -94,7 +97,7 @@ async def _expected(record: ExportJobRecord, resources: ResourceStore) -> _Expec
     request = record.request
     since, until = to_micros(request.since, MIN_TIME), to_micros(request.until, MAX_TIME)
     wanted = set(request.types)
-    compartment = request.kind != ExportKind.SYSTEM
+    compartment = request.kind != ExportKind.SYSTEM or request.organize_by is not None
     provenance_mode = bool(PROVENANCE_VALUES & set(request.associated))
     current: dict[Key, tuple[str, bytes, frozenset[str]] | None] = {}
     # The last live version's compartment, and the deletions current at the snapshot.
@@ -150,6 +153,8 @@ async def _expected(record: ExportJobRecord, resources: ResourceStore) -> _Expec
     for key, value in current.items():
         if value is not None and in_compartment(value[2]):
             expected.output[key] = (value[0], value[1])
+            if request.organize_by:
+                expected.blocks[key] = value[2] if members is None else value[2] & members
     for key, (version, patients) in deletions.items():
         if in_compartment(patients):
             expected.deleted[key] = version
@@ -222,12 +227,17 @@ async def validate_export(
         report.expected[f"{type_} (deleted)"] += 1
     seen: set[Key] = set()
     gone: set[Key] = set()
+    blocks = _Blocks(report, wanted, seen) if record.request.organize_by else None
     for f in view.files:
         size = _Size()
         lines = 0
+        if blocks is not None and f.role == "output":
+            blocks.start(f)
         async for line in _lines(size.of(dest.read(f.name))):
             lines += 1
-            if f.role == "output":
+            if blocks is not None and f.role == "output":
+                blocks.line(f"{f.name} line {lines}", line)
+            elif f.role == "output":
                 _check_line(report, f.type, f.name, lines, line, expected, seen)
             elif f.role == "deleted":
                 _check_deletion(report, f"{f.name} line {lines}", line, wanted.deleted, gone)
@@ -238,6 +248,8 @@ async def validate_export(
                 f"{f.name}: the manifest's fileSize is {f.committed_bytes}, "
                 f"the file has {size.bytes} bytes"
             )
+    if blocks is not None:
+        blocks.finish()
     for type_, id_ in expected.keys() - seen:
         report.problem(f"missing: {type_}/{id_} (version {expected[(type_, id_)][0]})")
     for type_, id_ in wanted.deleted.keys() - gone:
@@ -245,6 +257,99 @@ async def validate_export(
     for type_, id_ in gone & seen:
         report.problem(f"{type_}/{id_} is both in output and in deleted[]")
     return report
+
+
+class _Blocks:
+    """Checks files of Patient blocks (organizeOutputBy): every file starts with a block
+    header; a block's first header is followed by its Patient where the export selects
+    it; each block appears once, split only across a file and the one its
+    ``continues_in`` names; each selected resource is in the block of every Patient (in
+    scope) whose compartment holds it, exactly once, byte-equal to the store."""
+
+    def __init__(self, report: ValidationReport, wanted: _Expected, seen: set[Key]) -> None:
+        self.report = report
+        self.wanted = wanted
+        self.seen = seen
+        self.pairs: set[tuple[str, Key]] = set()
+        self.ended: set[str] = set()
+        self.block: str | None = None
+        self.previous: OutputFile | None = None
+        self.file: OutputFile | None = None
+        self.first = False
+        self.patient_next = False
+        for key, patients in wanted.blocks.items():
+            report.expected[key[0]] += len(patients) - 1  # one line per block
+
+    def start(self, f: OutputFile) -> None:
+        self.previous, self.file, self.first = self.file, f, True
+
+    def line(self, where: str, line: bytes) -> None:
+        report = self.report
+        try:
+            resource = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            report.problem(f"{where}: not well-formed JSON")
+            return
+        if not isinstance(resource, dict):
+            report.problem(f"{where}: not a JSON object")
+            return
+        if resource.get("resourceType") == "Parameters":
+            self._header(where, resource)
+            return
+        if self.first or self.block is None:
+            report.problem(f"{where}: a file of blocks must start with a header")
+        type_, id_ = str(resource.get("resourceType")), str(resource.get("id"))
+        if self.patient_next and (type_, id_) != ("Patient", self.block):
+            report.problem(f"{where}: the block of Patient/{self.block} starts with {type_}/{id_}")
+        self.patient_next = False
+        key = (type_, id_)
+        report.found[type_] += 1
+        self.seen.add(key)
+        want = self.wanted.output.get(key)
+        if want is None or str(self.block) not in self.wanted.blocks.get(key, ()):
+            report.problem(
+                f"{where}: {type_}/{id_} does not belong in Patient/{self.block}'s block"
+            )
+        elif (self.block, key) in self.pairs:
+            report.problem(f"{where}: {type_}/{id_} twice in Patient/{self.block}'s block")
+        elif want[0] != str((resource.get("meta") or {}).get("versionId")):
+            report.problem(f"{where}: {type_}/{id_} is not the version of the snapshot")
+        elif want[1] != _digest(line):
+            report.problem(f"{where}: {type_}/{id_} differs from the stored bytes")
+        self.pairs.add((str(self.block), key))
+
+    def _header(self, where: str, header: dict[str, Any]) -> None:
+        try:
+            patient = header["parameter"][0]["valueReference"]["reference"].split("/", 1)[1]
+        except (KeyError, IndexError, TypeError, AttributeError):
+            self.report.problem(f"{where}: a Parameters line that is no block header")
+            return
+        continued = self.first and self.previous is not None and self.previous.continues_in
+        if (
+            continued
+            and self.file
+            and self.previous
+            and self.previous.continues_in != self.file.name
+        ):
+            self.report.problem(f"{where}: the previous file continues in another file")
+        if continued and patient != self.block:
+            self.report.problem(f"{where}: Patient/{self.block}'s block does not continue here")
+        elif not continued and (patient in self.ended or patient == self.block):
+            self.report.problem(f"{where}: a second block of Patient/{patient}")
+        elif not continued:
+            if self.block is not None:
+                self.ended.add(self.block)
+            self.block = patient
+            selected = self.wanted.blocks.get(("Patient", patient), frozenset())
+            self.patient_next = patient in selected
+        self.first = False
+
+    def finish(self) -> None:
+        expected = {(p, k) for k, patients in self.wanted.blocks.items() for p in patients}
+        for patient, (type_, id_) in sorted(expected - self.pairs)[:MAX_LISTED]:
+            self.report.problem(f"missing: {type_}/{id_} in Patient/{patient}'s block")
+        if self.file is not None and self.file.continues_in:
+            self.report.problem(f"{self.file.name}: continues in a file the manifest lacks")
 
 
 def _check_deletion(

@@ -24,6 +24,8 @@ def export_parameters() -> str:
     described = {
         "includeAssociatedData": f"includeAssociatedData ({', '.join(sorted(PROVENANCE_VALUES))})",
         "patient": "patient (POST, Patient and Group level)",
+        "organizeOutputBy": "organizeOutputBy (Patient)",
+        "allowPartialManifests": "allowPartialManifests (true, false)",
     }
     listed = ", ".join(described.get(n, n) for n in names)
     return (

@@ -86,6 +86,13 @@ async def finished(session: ClientSession, url: str) -> Any:
         ("/$export?_outputFormat=text/csv", ASYNC, "_outputFormat", 400),
         ("/$export?_typeFilter=Observation%3Fcode%3D1", ASYNC, "_typeFilter", 400),
         ("/$export?includeAssociatedData=_custom,Nope", ASYNC, "'_custom', 'Nope'", 400),
+        ("/$export?organizeOutputBy=Encounter", ASYNC, "organizeOutputBy 'Encounter'", 400),
+        (
+            "/$export?organizeOutputBy=Patient&includeAssociatedData=LatestProvenanceResources",
+            ASYNC,
+            "cannot be combined with organizeOutputBy",
+            400,
+        ),
         ("/$export", {**ASYNC, "Accept": "text/html"}, "Accept", 400),
         ("/Group/does-not-exist/$export", ASYNC, "Group/does-not-exist", 404),
     ],
@@ -190,9 +197,15 @@ async def test_metadata_lists_types_and_operations(
     assert {"Patient", "Observation", "Group", "Practitioner"} <= types
     assert rest["operation"][0]["name"] == "export"
     supported = rest["operation"][0]["documentation"]
-    for name in ("_since", "_type", "includeAssociatedData (LatestProvenanceResources"):
+    for name in (
+        "_since",
+        "_type",
+        "includeAssociatedData (LatestProvenanceResources",
+        "organizeOutputBy (Patient)",
+        "allowPartialManifests",
+        "separate-export-status",
+    ):
         assert name in supported
-    assert "organizeOutputBy" not in supported  # while it is refused
     patient = next(r for r in rest["resource"] if r["type"] == "Patient")
     assert patient["operation"][0]["definition"].endswith("patient-export")
 

@@ -14,6 +14,7 @@ import pytest
 from datastore.resources import ExportQuery, Page, ResourceStore
 from exportsvc.errors import DestinationError, SecretNotFound
 from exportsvc.export_task import JobSignals
+from exportsvc.fhir.compartment import patient_ids
 from exportsvc.records import ExportItemRecord, ExportJobRecord, ExportKind, JobStatus, utcnow
 from exportsvc.validator import validate_export
 from tests.integration.conftest import Harness
@@ -107,9 +108,11 @@ class _Crash(BaseException):
     """A process dying: nothing after it runs (not an ExportSvcError, not an Exception)."""
 
 
-async def one_item(harness: Harness, **fields: Any) -> tuple[str, ExportItemRecord]:
+async def one_item(
+    harness: Harness, kind: ExportKind = ExportKind.SYSTEM, **fields: Any
+) -> tuple[str, ExportItemRecord]:
     """An export of a single work item, planned; the item leased."""
-    job = await harness.submit(**fields)
+    job = await harness.submit(kind, **fields)
     items = await harness.plan()
     assert len(items) == 1
     item = await harness.acquire()
@@ -523,4 +526,105 @@ async def test_associated_provenance_at_group_level_and_after_a_drain(harness: H
     if latest is not None:
         assert set(got) == latest
     report = await harness.validate(job.id)
+    assert report.ok, report.render()
+
+
+async def _lines_of(harness: Harness, job_id: str, name: str) -> list[dict[str, Any]]:
+    dest = harness.runtime.destinations.for_job(job_id, None)
+    body = b"".join([c async for c in dest.read(name)])
+    return [orjson.loads(line) for line in body.splitlines()]
+
+
+def _header_of(line: dict[str, Any]) -> str | None:
+    if line["resourceType"] != "Parameters":
+        return None
+    reference: str = line["parameter"][0]["valueReference"]["reference"]
+    return reference.split("/")[1]
+
+
+async def test_organize_output_by_patient(harness: Harness) -> None:
+    store = harness.runtime.resources
+    job = await harness.submit(organize_by="Patient")
+    items = await harness.plan()
+    assert [(i.content, i.scope) for i in items] == [("organized", "Patient.blocks")]
+    view = await harness.run_all(job.id)
+    files = [f for f in view.files if f.role == "output"]
+    assert len(files) > 3 and any(f.continues_in for f in files), "max_file_bytes=4096 splits"
+    blocks: dict[str, list[str]] = {}
+    current = None
+    for f in files:
+        lines = await _lines_of(harness, job.id, f.name)
+        assert _header_of(lines[0]) is not None, "every file starts with a block header"
+        for line in lines:
+            patient = _header_of(line)
+            if patient is not None:
+                current = patient
+                blocks.setdefault(patient, [])
+            else:
+                assert current is not None
+                blocks[current].append(f"{line['resourceType']}/{line['id']}")
+    # In Python: each Patient's block holds its compartment (the seed's clinical resources,
+    # its Provenance, the Groups it is a member of), its Patient first.
+    expected: dict[str, set[str]] = {}
+    snap = job.snapshot_seq
+    for type_ in await store.types(snap):
+        for row in (await store.page(ExportQuery(type_, snap), 0, 10_000)).rows:
+            for patient in patient_ids(orjson.loads(row.raw)):
+                expected.setdefault(patient, set()).add(f"{type_}/{row.id}")
+    assert {p: set(b) for p, b in blocks.items()} == expected
+    assert all(b[0] == f"Patient/{p}" for p, b in blocks.items())
+    assert not any(
+        r.startswith(("Organization/", "Practitioner/")) for b in blocks.values() for r in b
+    )
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()
+    # The validator sees a split block the manifest does not tie together.
+    split = next(f for f in view.files if f.continues_in)
+    split.continues_in = None
+    dest = harness.runtime.destinations.for_job(job.id, None)
+    broken = await validate_export(view, store, dest)
+    assert not broken.ok and "a second block of Patient/" in broken.render()
+
+
+async def test_organized_blocks_resume_after_a_drain(harness: Harness) -> None:
+    harness.runtime.settings = harness.settings.model_copy(
+        update={"page_size": 20, "commit_every_pages": 1}
+    )
+    store = harness.runtime.resources
+    group = max([g async for g in _groups(store)], key=lambda g: len(g["member"]))
+    job_id, item = await one_item(
+        harness,
+        kind=ExportKind.GROUP,
+        group_id=group["id"],
+        organize_by="Patient",
+        types=["Patient", "Observation", "Condition"],
+    )
+    signals = JobSignals()
+    original = store.blocks
+    calls = 0
+
+    async def blocks_then_drain(query: Any, after: Any, limit: int) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            signals.drain.set()
+        return await original(query, after, limit)
+
+    store.blocks = blocks_then_drain  # type: ignore[method-assign]
+    await harness.task(item, signals).run()
+    store.blocks = original  # type: ignore[method-assign]
+    drained = await harness.runtime.operations.get(item.id)
+    assert isinstance(drained, ExportItemRecord) and drained.status == JobStatus.QUEUED
+    assert drained.after_patient and drained.pages_read == 5
+    done = await harness.run(await harness.acquire())
+    assert done.status == JobStatus.COMPLETED
+    view = await harness.view(job_id)
+    patients = set()
+    for f in view.files:
+        patients |= {
+            p for line in await _lines_of(harness, job_id, f.name) if (p := _header_of(line))
+        }
+    members = {m["entity"]["reference"].split("/")[1] for m in group["member"]}
+    assert patients == members
+    report = await harness.validate(job_id)
     assert report.ok, report.render()

@@ -168,3 +168,25 @@ async def test_an_export_with_a_worker_and_both_options(settings: Settings) -> N
         assert {f["type"] for f in manifest["output"]} == {"Patient"}
         page = await get_json(session, manifest["link"][0]["url"], 200)
         assert {f["type"] for f in page["output"]} == {"Observation"}
+
+
+async def test_organized_output_manifest(settings: Settings) -> None:
+    async with serve(settings, with_worker=True) as (_, session):
+        query = "_type=Patient,Observation,Condition&organizeOutputBy=Patient"
+        async with session.get(f"/$export?{query}", headers=ASYNC) as response:
+            status_url = response.headers["Content-Location"]
+        for _ in range(400):
+            async with session.get(status_url) as response:
+                if response.status == 200:
+                    manifest = await response.json()
+                    break
+        else:
+            raise AssertionError("export did not finish")
+    assert manifest["outputOrganizedBy"] == "Patient"
+    output = manifest["output"]
+    assert output and all("type" not in f for f in output)
+    urls = [f["url"] for f in output]
+    continued = [f for f in output if "continuesInFile" in f]
+    assert continued, "max_file_bytes=4096: blocks span files"
+    for f in continued:  # it names the file listed right after it
+        assert urls[urls.index(f["url"]) + 1] == f["continuesInFile"]

@@ -210,3 +210,16 @@ def test_allow_partial_manifests_and_separate_export_status() -> None:
         parse([("allowPartialManifests", "true"), ("allowPartialManifests", "true")])
     assert parse([], prefer="respond-async, separate-export-status").separate_status is True
     assert parse([], prefer="respond-async").separate_status is False
+
+
+def test_organize_output_by() -> None:
+    assert parse([("organizeOutputBy", "Patient")]).organize_by == "Patient"
+    assert parse([]).organize_by is None
+    with pytest.raises(InvalidRequest, match="organizeOutputBy 'Group'"):
+        parse([("organizeOutputBy", "Group")])
+    both = [("organizeOutputBy", "Patient"), ("includeAssociatedData", "LatestProvenanceResources")]
+    with pytest.raises(InvalidRequest, match="cannot be combined"):
+        parse(both)
+    lenient = parse(both, prefer="respond-async, handling=lenient")
+    assert lenient.organize_by == "Patient" and lenient.associated == []
+    assert "cannot be combined" in lenient.ignored[0]
