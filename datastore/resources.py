@@ -48,11 +48,35 @@ class ExportQuery:
     """With ``compartment``: only those in one of these Patients' compartments."""
     ids: Sequence[str] | None = None
     """Only resources with one of these ids (``_id`` of a ``_typeFilter``)."""
+    last_seq: int | None = None
+    """Only versions with ``seq <= last_seq``: a work item's share of the type."""
+
+    @property
+    def upper_seq(self) -> int:
+        """The highest ``seq`` the query may return."""
+        return self.snapshot_seq if self.last_seq is None else min(self.last_seq, self.snapshot_seq)
 
 
 @dataclass(frozen=True, slots=True)
-class Row:
+class BlockQuery:
+    """Resources by Patient compartment, as of ``snapshot_seq`` (``organizeOutputBy``)."""
+
+    snapshot_seq: int
+    types: Sequence[str] = ()
+    """Only these types; empty: every type."""
+    since: datetime | None = None
+    until: datetime | None = None
+    patients: Sequence[str] | None = None
+    """Only the compartments of these Patients; None: every Patient's."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRow:
+    """A resource in the compartment of ``patient``: one row per (patient, resource)."""
+
+    patient: str
     seq: int
+    type: str
     id: str
     version: int
     raw: bytes
@@ -60,9 +84,28 @@ class Row:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    rows: list[Row]
+    raws: list[bytes]
+    """The stored JSON of each matching resource, in ``seq`` order: what an export
+    writes, without a Python object per resource beyond its bytes."""
     next_after: int
     """The continuation point: the last ``seq`` read (or the input one if empty)."""
+    last: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """A resource whose version current at a snapshot is a deletion (that version)."""
+
+    seq: int
+    id: str
+    version: int
+    deleted_at: int
+    """When it was deleted: microseconds since the epoch (the version's time column)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeletionPage:
+    rows: list[Deletion]
     last: bool
 
 
@@ -162,6 +205,27 @@ class ResourceStore(abc.ABC):
     @abc.abstractmethod
     async def count(self, query: ExportQuery) -> int:
         """How many resources ``query`` matches (for progress)."""
+
+    @abc.abstractmethod
+    async def deletions(self, query: ExportQuery, after_seq: int, limit: int) -> DeletionPage:
+        """Up to ``limit`` resources of ``query.type`` deleted as of the snapshot, in
+        ``seq`` order from ``after_seq``: those whose version current at
+        ``query.snapshot_seq`` is a deletion made in ``(since, until]`` (``since``
+        exclusive: deleted *after* it). A resource deleted and re-created is current, not
+        deleted. Compartment filters apply to the last live version, the one deleted."""
+
+    @abc.abstractmethod
+    async def count_deletions(self, query: ExportQuery) -> int:
+        """How many resources :meth:`deletions` pages through."""
+
+    @abc.abstractmethod
+    async def blocks(
+        self, query: BlockQuery, after: tuple[str, int], limit: int
+    ) -> tuple[list[BlockRow], bool]:
+        """Up to ``limit`` (patient, resource) pairs after ``after`` in (patient id,
+        ``seq``) order: the resources current at the snapshot, selected by type and
+        ``_since``/``_until``, in each Patient's compartment; and whether it is the last
+        page. A resource in several compartments comes once for each."""
 
     @abc.abstractmethod
     def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:

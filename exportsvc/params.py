@@ -16,6 +16,7 @@ import orjson
 
 from exportsvc.errors import InvalidRequest, NotSupported
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT, RESOURCE_TYPES
+from exportsvc.fhir.provenance import PROVENANCE_VALUES
 from exportsvc.records import ExportKind, ExportRequest
 from exportsvc.search.matcher import FilterError
 from exportsvc.search.model import TypeFilter
@@ -32,13 +33,16 @@ FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]$")
 OUTPUT_FORMATS = {"application/fhir+ndjson", "application/ndjson", "ndjson"}
 ACCEPTABLE = {"application/fhir+json", "application/json", "application/json+fhir", "*/*"}
-# Bulk Data parameters we know but do not implement yet (see the README).
-UNSUPPORTED = {
-    "includeAssociatedData",
-    "organizeOutputBy",
+# Bulk Data parameters we know but do not implement (none today; see the README).
+UNSUPPORTED: frozenset[str] = frozenset()
+SINGLE = {
+    "_outputFormat",
+    "_since",
+    "_until",
+    "_container",
     "allowPartialManifests",
+    "organizeOutputBy",
 }
-SINGLE = {"_outputFormat", "_since", "_until", "_container"}
 KNOWN = {
     "_outputFormat",
     "_type",
@@ -48,7 +52,11 @@ KNOWN = {
     "_container",
     "_typeFilter",
     "_elements",
+    "includeAssociatedData",
+    "allowPartialManifests",
+    "organizeOutputBy",
 }
+BOOLEANS = {"true": True, "false": False}
 
 
 def parse_prefer(header: str | None) -> set[str]:
@@ -123,6 +131,28 @@ def _types(values: Sequence[str], kind: ExportKind, notes: list[str]) -> list[st
             if name not in types:
                 types.append(name)
     return types
+
+
+def _associated(values: Sequence[str], lenient: bool, notes: list[str]) -> list[str]:
+    """``includeAssociatedData`` (comma list, repeatable): the provenance values; any
+    other value (custom ``_...`` ones included) is refused, or ignored when lenient."""
+    chosen: list[str] = []
+    unknown: list[str] = []
+    for value in values:
+        for name in (v.strip() for v in value.split(",")):
+            if name in PROVENANCE_VALUES and name not in chosen:
+                chosen.append(name)
+            elif name not in PROVENANCE_VALUES and name not in unknown:
+                unknown.append(name)
+    if unknown:
+        problem = (
+            f"includeAssociatedData {', '.join(repr(u) for u in unknown)} is not supported; "
+            f"use {' or '.join(sorted(PROVENANCE_VALUES))}"
+        )
+        if not lenient:
+            raise InvalidRequest(problem)
+        notes.append(f"{problem}; ignored (Prefer: handling=lenient)")
+    return chosen
 
 
 def _patients(values: Sequence[str], kind: ExportKind, method: str) -> list[str]:
@@ -231,6 +261,25 @@ def parse_export_request(
     types = _types(values.get("_type", []), kind, ignored)
     type_filters = _type_filters(values.get("_typeFilter", []), types, lenient, ignored)
     elements = _elements(values.get("_elements", []), lenient, ignored)
+    associated = _associated(values.get("includeAssociatedData", []), lenient, ignored)
+    organize_by = values.get("organizeOutputBy", [None])[0]
+    if organize_by is not None and organize_by != "Patient":
+        raise InvalidRequest(f"organizeOutputBy {organize_by[:40]!r} is not supported; use Patient")
+    if organize_by and associated:
+        problem = "includeAssociatedData cannot be combined with organizeOutputBy"
+        if not lenient:
+            raise InvalidRequest(problem)
+        ignored.append(f"{problem}; it was ignored (Prefer: handling=lenient)")
+        associated = []
+    if organize_by and (type_filters or elements):
+        problem = "_typeFilter and _elements cannot be combined with organizeOutputBy"
+        if not lenient:
+            raise InvalidRequest(problem)
+        ignored.append(f"{problem}; they were ignored (Prefer: handling=lenient)")
+        type_filters, elements = [], []
+    partial = values.get("allowPartialManifests", ["false"])[0]
+    if partial not in BOOLEANS:
+        raise InvalidRequest(f"allowPartialManifests {partial[:40]!r} is not true or false")
     return ExportRequest(
         kind=kind,
         group_id=group_id,
@@ -244,4 +293,8 @@ def parse_export_request(
         ignored=ignored,
         type_filters=type_filters,
         elements=elements,
+        associated=associated,
+        partial_manifests=BOOLEANS[partial],
+        organize_by=organize_by,
+        separate_status="separate-export-status" in preferences,
     )

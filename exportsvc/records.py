@@ -66,6 +66,15 @@ class ExportRequest(BaseModel):
     """``_typeFilter`` queries (``exportsvc.search``): OR'd per type."""
     elements: list[str] = Field(default_factory=list)
     """``_elements``: ``Type.element`` or ``element`` entries (``exportsvc.search.elements``)."""
+    associated: list[str] = Field(default_factory=list)
+    """``includeAssociatedData`` values (``LatestProvenanceResources``,
+    ``RelevantProvenanceResources``)."""
+    organize_by: str | None = None
+    """``organizeOutputBy`` (``Patient``): files of patient blocks instead of one type."""
+    partial_manifests: bool = False
+    """``allowPartialManifests``: manifest pages, each available once its files are."""
+    separate_status: bool = False
+    """``Prefer: separate-export-status``: status polls answer 200 + ``X-Export-Status``."""
 
     def fingerprint(self) -> str:
         """Identity of the request for de-duplication: everything but the URL spelling."""
@@ -82,7 +91,7 @@ class Lease(BaseModel):
     expires_at: datetime | None = None
 
 
-FileRole = Literal["output", "error"]
+FileRole = Literal["output", "error", "deleted"]
 
 
 class OutputFile(BaseModel):
@@ -96,6 +105,8 @@ class OutputFile(BaseModel):
     committed_bytes: int = 0
     committed_blocks: list[str] = Field(default_factory=list)
     etag: str | None = None
+    continues_in: str | None = None
+    """``organizeOutputBy``: the file the last block of this one continues in."""
 
 
 class JobRecord(BaseModel):
@@ -159,6 +170,12 @@ class ExportItemRecord(JobRecord):
     seq_max: int
     after_seq: int
     """The continuation point: the last sequence read."""
+    content: Literal["resources", "deleted", "provenance", "organized"] = "resources"
+    """What the item writes: resources of ``type``; transaction Bundles of its deletions
+    (``deleted[]``); the Provenance associated with the export's other resources; or
+    (``organizeOutputBy=Patient``) blocks of every selected type by Patient."""
+    after_patient: str = ""
+    """Organized items: the Patient of the last row read (continuation with ``after_seq``)."""
     done: bool = False
     total_estimate: int = 0
     resources_done: int = 0

@@ -3,8 +3,8 @@
 :func:`generate` yields plain dicts: a pool of Organizations and Practitioners, then for
 each Patient the Patient and its Encounters with their Conditions, Observations,
 DiagnosticReports, Procedures, MedicationRequests and Immunizations (about 55 resources a
-Patient, two thirds of them Observations), then three person Groups. A reference always
-points at a resource yielded before it.
+Patient, two thirds of them Observations) and one or two Provenance, then three person
+Groups. A reference always points at a resource yielded before it.
 
 The output depends only on the arguments: one ``random.Random(seed)`` makes every choice,
 ids are UUID-4 strings drawn from it and times are offsets from ``now``. ``meta.lastUpdated``
@@ -185,6 +185,17 @@ _CLOCK: Final = tuple(f"T{m // 60:02d}:{m % 60:02d}:" for m in range(1440))
 _SECONDS: Final = tuple(f"{s:02d}" for s in range(60))
 _MILLIS: Final = tuple(f".{ms:03d}Z" for ms in range(1000))
 _DAY: Final = 86400
+_AUTHOR: Final = _cc(_HL7 + "provenance-participant-type", "author", "Author", text=False)
+_ACTIVITIES: Final = tuple(
+    _cc(_HL7 + "v3-DataOperation", code, display, text=False)
+    for code, display in (("CREATE", "create"), ("UPDATE", "revise"))
+)
+
+
+def _uuid4(bits: int) -> str:
+    """A UUID-4 string, as ``str(uuid.UUID(int=bits, version=4))``."""
+    h = "%032x" % ((bits & _V4_CLEAR) | _V4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 class _Generator:
@@ -201,11 +212,11 @@ class _Generator:
         self.last = int(now.timestamp()) - 1 - base
         self.days = [str(first_day.date() + timedelta(d)) for d in range(self.last // _DAY + 1)]
         self.born_before = now.year - 6  # birthDates fall before the window
+        self.provenance_rng = random.Random(f"provenance-{seed}")
+        self.window_end = now - timedelta(seconds=1)
 
     def new_id(self) -> str:
-        """A UUID-4 string, as ``str(uuid.UUID(int=getrandbits(128), version=4))``."""
-        h = "%032x" % ((self.bits(128) & _V4_CLEAR) | _V4_SET)
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        return _uuid4(self.bits(128))
 
     def clock(self, time: int) -> str:
         """``YYYY-MM-DDThh:mm:ss`` (UTC): add ``Z`` for a dateTime, ``.sssZ`` for an instant."""
@@ -338,8 +349,40 @@ class _Generator:
             "address": self.address(),
         }
         subject = {"reference": f"Patient/{pid}", "display": f"{given} {family}"}
+        encounters = []
         for begin in visits:
-            yield from self.encounter(begin, subject, pick(care))
+            recorded = self.encounter(begin, subject, pick(care))
+            encounters.append(next(recorded))  # the Encounter comes first
+            yield encounters[-1]
+            yield from recorded
+        yield from self.provenance(pid, encounters)
+
+    def provenance(self, pid: str, encounters: list[Resource]) -> Iterator[Resource]:
+        """The Patient's record was created (one Provenance naming the Patient and every
+        Encounter) and, for about a third of the Patients, amended later (a second one
+        naming the same targets): so the latest Provenance of a resource is not always
+        its only one. Drawn from a second rng, so the rest of the data set is the same
+        as without them."""
+        rng = self.provenance_rng
+        last = encounters[-1]
+        created = max(e["meta"]["lastUpdated"] for e in encounters)
+        targets = [{"reference": f"Patient/{pid}"}]
+        targets += [{"reference": f"Encounter/{e['id']}"} for e in encounters]
+        who, provider = last["participant"][0]["individual"], last["serviceProvider"]
+        moments = [created]
+        if rng.random() < 1 / 3:
+            later = datetime.fromisoformat(created) + timedelta(seconds=rng.randrange(1, 30 * _DAY))
+            moments.append(min(later, self.window_end).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z")
+        for moment, activity in zip(moments, _ACTIVITIES, strict=False):
+            yield {
+                "resourceType": "Provenance",
+                "id": _uuid4(rng.getrandbits(128)),
+                "meta": {"lastUpdated": moment},
+                "target": [dict(t) for t in targets],
+                "recorded": moment,
+                "activity": activity,
+                "agent": [{"type": _AUTHOR, "who": dict(who), "onBehalfOf": dict(provider)}],
+            }
 
     def encounter(self, begin: int, subject: dict[str, str], care: _Care) -> Iterator[Resource]:
         """An Encounter, then what was recorded in it, all updated in the same second."""

@@ -13,12 +13,15 @@ from datastore.memory.operations import MemoryOperationDataStore
 from datastore.resources import (
     MAX_TIME,
     MIN_TIME,
+    BlockQuery,
+    BlockRow,
     Checkpoint,
+    Deletion,
+    DeletionPage,
     ExportQuery,
     Origin,
     Page,
     ResourceStore,
-    Row,
     VersionRow,
     WriteResult,
     to_micros,
@@ -118,7 +121,9 @@ class MemoryResourceStore(ResourceStore):
             return False
         stamp = to_micros(utcnow(), 0)
         seq = len(self._versions) + 1
-        self._append(_Version(seq, type_, id_, current.version + 1, stamp, None, frozenset()))
+        # A deletion keeps the compartment of the version it deletes (deleted[] filters).
+        patients = current.patients
+        self._append(_Version(seq, type_, id_, current.version + 1, stamp, None, patients))
         return True
 
     def _visible(self, v: _Version, snap: int) -> bool:
@@ -152,17 +157,60 @@ class MemoryResourceStore(ResourceStore):
         return bool(v.patients) if query.compartment else True
 
     async def page(self, query: ExportQuery, after_seq: int, limit: int) -> Page:
-        rows: list[Row] = []
-        for v in self._versions[after_seq:]:
+        raws: list[bytes] = []
+        next_after = after_seq
+        for v in self._versions[after_seq : query.upper_seq]:
             if self._matches(v, query):
                 assert v.raw is not None
-                rows.append(Row(v.seq, v.id, v.version, v.raw))
-                if len(rows) == limit:
+                raws.append(v.raw)
+                next_after = v.seq
+                if len(raws) == limit:
                     break
-        return Page(rows, rows[-1].seq if rows else after_seq, len(rows) < limit)
+        return Page(raws, next_after, len(raws) < limit)
 
     async def count(self, query: ExportQuery) -> int:
         return sum(1 for v in self._versions if self._matches(v, query))
+
+    def _deleted(self, v: _Version, query: ExportQuery) -> bool:
+        since, until = to_micros(query.since, MIN_TIME), to_micros(query.until, MAX_TIME)
+        snap = query.snapshot_seq
+        if v.type != query.type or v.raw is not None or v.seq > snap:
+            return False
+        if (v.next_seq is not None and v.next_seq <= snap) or not since < v.last_updated <= until:
+            return False
+        if query.patients is not None:
+            return not v.patients.isdisjoint(query.patients)
+        return bool(v.patients) if query.compartment else True
+
+    async def deletions(self, query: ExportQuery, after_seq: int, limit: int) -> DeletionPage:
+        rows: list[Deletion] = []
+        for v in self._versions[after_seq:]:
+            if self._deleted(v, query):
+                rows.append(Deletion(v.seq, v.id, v.version, v.last_updated))
+                if len(rows) == limit:
+                    break
+        return DeletionPage(rows, len(rows) < limit)
+
+    async def count_deletions(self, query: ExportQuery) -> int:
+        return sum(1 for v in self._versions if self._deleted(v, query))
+
+    async def blocks(
+        self, query: BlockQuery, after: tuple[str, int], limit: int
+    ) -> tuple[list[BlockRow], bool]:
+        since, until = to_micros(query.since, MIN_TIME), to_micros(query.until, MAX_TIME)
+        found = []
+        for v in self._versions:
+            if not self._visible(v, query.snapshot_seq) or not since <= v.last_updated <= until:
+                continue
+            if query.types and v.type not in query.types:
+                continue
+            assert v.raw is not None
+            for patient in v.patients:
+                wanted = query.patients is None or patient in query.patients
+                if wanted and (patient, v.seq) > after:
+                    found.append(BlockRow(patient, v.seq, v.type, v.id, v.version, v.raw))
+        found.sort(key=lambda r: (r.patient, r.seq))
+        return found[:limit], len(found) < limit
 
     async def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:
         for v in list(self._versions):

@@ -40,12 +40,15 @@ from datastore.postgres.operations import save_args
 from datastore.resources import (
     MAX_TIME,
     MIN_TIME,
+    BlockQuery,
+    BlockRow,
     Checkpoint,
+    Deletion,
+    DeletionPage,
     ExportQuery,
     Origin,
     Page,
     ResourceStore,
-    Row,
     VersionRow,
     WriteResult,
     to_micros,
@@ -222,16 +225,55 @@ class PostgresResourceStore(ResourceStore):
     async def page(self, query: ExportQuery, after_seq: int, limit: int) -> Page:
         variant, args, tail = _filter_args(query)
         async with self.db.connection() as conn:
-            records = await conn.fetch(Q[f"page_{variant}"], *args, after_seq, limit, *tail)
-        rows = [Row(r[0], r[1], r[2], r[3]) for r in records]
+            records = await conn.fetch(
+                Q[f"page_{variant}"], *args, after_seq, limit, *tail, query.upper_seq
+            )
         return Page(
-            rows=rows, next_after=rows[-1].seq if rows else after_seq, last=len(rows) < limit
+            raws=[r[1] for r in records],
+            next_after=records[-1][0] if records else after_seq,
+            last=len(records) < limit,
         )
 
     async def count(self, query: ExportQuery) -> int:
         variant, args, tail = _filter_args(query)
         async with self.db.connection() as conn:
             return int(await conn.fetchval(Q[f"count_{variant}"], *args, *tail))
+
+    async def deletions(self, query: ExportQuery, after_seq: int, limit: int) -> DeletionPage:
+        variant, args, tail = _filter_args(query)
+        tail = tail[:-1]  # deletions have no content for a _typeFilter's ids
+        async with self.db.connection() as conn:
+            records = await conn.fetch(Q[f"deletions_{variant}"], *args, after_seq, limit, *tail)
+        rows = [Deletion(r[0], r[1], r[2], r[3]) for r in records]
+        return DeletionPage(rows, last=len(rows) < limit)
+
+    async def count_deletions(self, query: ExportQuery) -> int:
+        variant, args, tail = _filter_args(query)
+        tail = tail[:-1]  # as in deletions()
+        sql = f"SELECT count(*) FROM ({Q[f'deletions_{variant}'].rstrip(';')}) AS d"
+        async with self.db.connection() as conn:  # LIMIT NULL is no limit
+            return int(await conn.fetchval(sql, *args, 0, None, *tail))
+
+    async def blocks(
+        self, query: BlockQuery, after: tuple[str, int], limit: int
+    ) -> tuple[list[BlockRow], bool]:
+        args = [
+            query.snapshot_seq,
+            to_micros(query.since, MIN_TIME),
+            to_micros(query.until, MAX_TIME),
+            list(query.types) or None,
+            after[0],
+            after[1],
+            limit,
+        ]
+        sql = Q["blocks_all"]
+        if query.patients is not None:
+            args.append(list(query.patients))
+            sql = Q["blocks_patients"]
+        async with self.db.connection() as conn:
+            records = await conn.fetch(sql, *args)
+        rows = [BlockRow(r[0], r[1], r[2], r[3], r[4], r[5]) for r in records]
+        return rows, len(rows) < limit
 
     async def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:
         after = 0

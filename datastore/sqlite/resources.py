@@ -15,12 +15,15 @@ from datastore.columns import save_params
 from datastore.resources import (
     MAX_TIME,
     MIN_TIME,
+    BlockQuery,
+    BlockRow,
     Checkpoint,
+    Deletion,
+    DeletionPage,
     ExportQuery,
     Origin,
     Page,
     ResourceStore,
-    Row,
     VersionRow,
     WriteResult,
     to_micros,
@@ -38,6 +41,7 @@ def _filter_params(query: ExportQuery) -> tuple[str, dict[str, Any]]:
     params: dict[str, Any] = {
         "type": query.type,
         "snap": query.snapshot_seq,
+        "last": query.upper_seq,
         "since": to_micros(query.since, MIN_TIME),
         "until": to_micros(query.until, MAX_TIME),
         "ids": None if query.ids is None else orjson.dumps(list(query.ids)).decode(),
@@ -117,10 +121,10 @@ class SqliteResourceStore(ResourceStore):
         sql = Q[f"page_{variant}"]
 
         def page(conn: sqlite3.Connection) -> Page:
-            rows = [Row(*r) for r in conn.execute(sql, params)]
+            rows = conn.execute(sql, params).fetchall()
             return Page(
-                rows=rows,
-                next_after=rows[-1].seq if rows else after_seq,
+                raws=[raw for _, raw in rows],
+                next_after=rows[-1][0] if rows else after_seq,
                 last=len(rows) < limit,
             )
 
@@ -130,6 +134,47 @@ class SqliteResourceStore(ResourceStore):
         variant, params = _filter_params(query)
         sql = Q[f"count_{variant}"]
         return await self.db.run(lambda c: int(c.execute(sql, params).fetchone()[0]))
+
+    async def deletions(self, query: ExportQuery, after_seq: int, limit: int) -> DeletionPage:
+        variant, params = _filter_params(query)
+        params.update(after=after_seq, limit=limit)
+        sql = Q[f"deletions_{variant}"]
+
+        def deletions(conn: sqlite3.Connection) -> DeletionPage:
+            rows = [Deletion(*r) for r in conn.execute(sql, params)]
+            return DeletionPage(rows, last=len(rows) < limit)
+
+        return await self.db.run(deletions)
+
+    async def count_deletions(self, query: ExportQuery) -> int:
+        variant, params = _filter_params(query)
+        params.update(after=0, limit=-1)  # SQLite: LIMIT -1 is no limit
+        sql = f"SELECT count(*) FROM ({Q[f'deletions_{variant}'].rstrip(';')})"
+        return await self.db.run(lambda c: int(c.execute(sql, params).fetchone()[0]))
+
+    async def blocks(
+        self, query: BlockQuery, after: tuple[str, int], limit: int
+    ) -> tuple[list[BlockRow], bool]:
+        params: dict[str, Any] = {
+            "snap": query.snapshot_seq,
+            "since": to_micros(query.since, MIN_TIME),
+            "until": to_micros(query.until, MAX_TIME),
+            "types": orjson.dumps(list(query.types)).decode(),
+            "any_type": not query.types,
+            "after_patient": after[0],
+            "after_seq": after[1],
+            "limit": limit,
+        }
+        sql = Q["blocks_all"]
+        if query.patients is not None:
+            params["patients"] = orjson.dumps(list(query.patients)).decode()
+            sql = Q["blocks_patients"]
+
+        def blocks(conn: sqlite3.Connection) -> tuple[list[BlockRow], bool]:
+            rows = [BlockRow(*r) for r in conn.execute(sql, params)]
+            return rows, len(rows) < limit
+
+        return await self.db.run(blocks)
 
     async def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:
         after = 0

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta
 from email.utils import format_datetime
+from http import HTTPStatus
 
 import orjson
 from aiohttp import web
 
-from destinations import ExportDestinationClient
 from exportsvc.api.keys import (
     DESTINATIONS,
     OPERATIONS,
@@ -25,6 +25,7 @@ from exportsvc.api.keys import (
 from exportsvc.api.outcome import outcome_response
 from exportsvc.auth.middleware import check_export_types
 from exportsvc.errors import NotFound
+from exportsvc.manifest import available_files, manifest, page_files, page_ready_at
 from exportsvc.params import parameters_body, parse_export_request
 from exportsvc.records import (
     ExportJobRecord,
@@ -76,12 +77,15 @@ async def _kickoff(
     )
     if created:
         app[WORKER].wake()
+    headers = {"Content-Location": status_url(request, stored.id)}
+    if stored.request.separate_status:
+        headers["Preference-Applied"] = "respond-async, separate-export-status"
     return outcome_response(
         202,
         "export accepted" if created else "an identical export of this client is running",
         code="informational",
         severity="information",
-        headers={"Content-Location": status_url(request, stored.id)},
+        headers=headers,
     )
 
 
@@ -121,42 +125,6 @@ async def _view(request: web.Request, job: ExportJobRecord) -> JobView:
     return await settled_view(request.app[OPERATIONS], job)
 
 
-def manifest(
-    view: JobView,
-    base: str,
-    dest: ExportDestinationClient,
-    expires: datetime,
-    *,
-    requires_token: bool = False,
-) -> dict[str, object]:
-    """The completion manifest. Files are signed URLs (read-only, expiring with the
-    manifest) where the destination can sign, else served by this service."""
-    job = view.job
-    assert isinstance(job, ExportJobRecord)
-    proxied = False
-
-    def entry(f: OutputFile) -> dict[str, object]:
-        nonlocal proxied
-        url = dest.signed_url(f.name, expires)
-        if url is None:
-            proxied = True
-            url = f"{base}/_output/{job.id}/{f.name}"
-        return {"type": f.type, "url": url, "count": f.count}
-
-    files = view.files
-    output = [entry(f) for f in files if f.role == "output"]
-    error = [entry(f) for f in files if f.role == "error"]
-    return {
-        "transactionTime": job.transaction_time.isoformat().replace("+00:00", "Z"),
-        "request": job.request.request_url,
-        # Served files need a token exactly when this service demands one (known only
-        # once every entry is made).
-        "requiresAccessToken": proxied and requires_token,
-        "output": output,
-        "error": error,
-    }
-
-
 def progress_headers(view: JobView) -> dict[str, str]:
     job = view.job
     done, total = view.resources_done, view.total_estimate
@@ -184,27 +152,87 @@ def progress_headers(view: JobView) -> dict[str, str]:
 @routes.get("/_operations/export/{job_id}")
 async def export_status(request: web.Request) -> web.Response:
     view = await _view(request, await _visible_job(request))
+    return _separate(view, await _status(request, view))
+
+
+@routes.get("/_operations/export/{job_id}/page/{page}")
+async def export_manifest_page(request: web.Request) -> web.Response:
+    """Page ``k`` >= 1 of a partial-manifests export (page 0 is the status answer)."""
+    view = await _view(request, await _visible_job(request))
     job = view.job
     assert isinstance(job, ExportJobRecord)
-    if job.status == JobStatus.COMPLETED:
-        expires = _expiry(view, request)
-        dest = request.app[DESTINATIONS].for_job(job.id, job.request.container)
-        return web.json_response(
-            manifest(
-                view,
-                base_url(request),
-                dest,
-                expires,
-                requires_token=request.app[SETTINGS].auth != "off",
-            ),
-            headers={"Expires": format_datetime(expires, usegmt=True)},
-            dumps=_dumps,
-        )
+    page = request.match_info["page"]
+    number = int(page) if page.isdecimal() and len(page) < 6 else -1
+    files = page_files(view, number) if job.request.partial_manifests and number > 0 else None
     if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
-        return outcome_response(
-            view.error_status, f"the export failed: {view.last_error or 'unknown error'}"
-        )
-    return web.Response(status=202, headers=progress_headers(view))
+        return _separate(view, _failure(view))
+    if files is None:
+        raise NotFound(f"no manifest page {page!r} of export {job.id!r}")
+    return _separate(view, _manifest_response(request, view, 200, files, number))
+
+
+async def _status(request: web.Request, view: JobView) -> web.Response:
+    job = view.job
+    assert isinstance(job, ExportJobRecord)
+    if job.status == JobStatus.COMPLETED and not job.request.partial_manifests:
+        return _manifest_response(request, view, 200, view.files, None)
+    if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        return _failure(view)
+    first = page_files(view, 0) if job.request.partial_manifests else None
+    status = 200 if job.status == JobStatus.COMPLETED else 202
+    if first is None:
+        return web.Response(status=status, headers=progress_headers(view))
+    return _manifest_response(request, view, status, first, 0)
+
+
+def _failure(view: JobView) -> web.Response:
+    return outcome_response(
+        view.error_status, f"the export failed: {view.last_error or 'unknown error'}"
+    )
+
+
+def _manifest_response(
+    request: web.Request, view: JobView, status: int, files: list[OutputFile], page: int | None
+) -> web.Response:
+    """A manifest (``page`` None: the whole one); 202 ones carry the progress headers."""
+    job = view.job
+    assert isinstance(job, ExportJobRecord)
+    expires = _expiry(view, request)
+    ready = page_ready_at(view, page) if page is not None else None
+    if ready is not None:  # a page's URLs stay the same until they expire
+        ttl = timedelta(seconds=request.app[SETTINGS].output_ttl_seconds)
+        expires = ready + ttl
+        while expires <= utcnow():
+            expires += ttl
+    next_url = None
+    if page is not None and page_files(view, page + 1) is not None:
+        next_url = f"{status_url(request, job.id)}/page/{page + 1}"
+    body = manifest(
+        view,
+        base_url(request),
+        request.app[DESTINATIONS].for_job(job.id, job.request.container),
+        expires,
+        requires_token=request.app[SETTINGS].auth != "off",
+        files=files,
+        next_url=next_url,
+    )
+    headers = {"Expires": format_datetime(expires, usegmt=True)}
+    if status == 202:
+        headers |= progress_headers(view)
+    return web.json_response(body, status=status, headers=headers, dumps=_dumps)
+
+
+def _separate(view: JobView, response: web.Response) -> web.Response:
+    """``Prefer: separate-export-status`` at kick-off: the HTTP status answers the status
+    request itself (200), and ``X-Export-Status`` carries the export's."""
+    job = view.job
+    assert isinstance(job, ExportJobRecord)
+    if not job.request.separate_status:
+        return response
+    code = HTTPStatus(response.status)
+    response.headers["X-Export-Status"] = f"{code.value} {code.phrase}"
+    response.set_status(200)
+    return response
 
 
 @routes.delete("/_operations/export/{job_id}")
@@ -227,10 +255,10 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     (error files), as the destination holds it."""
     record = await visible_job(request, JobRecord)
     name = request.match_info["name"]
-    files = record.output
-    if isinstance(record, ExportJobRecord):
-        files = (await _view(request, record)).files
-    if record.status != JobStatus.COMPLETED or name not in {f.name for f in files}:
+    files = record.output if record.status == JobStatus.COMPLETED else []
+    if isinstance(record, ExportJobRecord):  # and while it runs, its files in manifest pages
+        files = available_files(await _view(request, record))
+    if name not in {f.name for f in files}:
         raise NotFound(f"no file {name!r} in job {record.id!r}")
     dest = request.app[DESTINATIONS].for_job(record.id, container_of(record))
     headers = {"Content-Type": NDJSON}

@@ -10,16 +10,12 @@ from aiohttp import web
 from exportsvc.api.keys import base_url
 from exportsvc.auth.oauth import capability_security
 from exportsvc.fhir.compartment import PATIENT_COMPARTMENT, RESOURCE_TYPES
+from exportsvc.fhir.provenance import PROVENANCE_VALUES
 from exportsvc.fhir.search_params import parameters_of
+from exportsvc.params import KNOWN
 
 routes = web.RouteTableDef()
 BULK = "http://hl7.org/fhir/uv/bulkdata"
-EXPORT_DOCS = (
-    "Supports _outputFormat, _type, _since, _until, _container, patient (POST), "
-    "_typeFilter (the search parameters listed under each resource type; queries for a "
-    "type are OR'd, their parameters AND'd) and _elements (root elements, Type.element or "
-    "element; resources marked SUBSETTED)."
-)
 
 
 def _search_params(type_: str) -> list[dict[str, str]]:
@@ -35,6 +31,35 @@ def _search_params(type_: str) -> list[dict[str, str]]:
     ]
 
 
+def export_parameters() -> str:
+    """The kick-off parameters and preferences this server implements (from the parser,
+    so the statement never claims one it refuses)."""
+    names = sorted(KNOWN - {"_container"}, key=lambda n: n.lstrip("_").lower())
+    described = {
+        "includeAssociatedData": f"includeAssociatedData ({', '.join(sorted(PROVENANCE_VALUES))})",
+        "patient": "patient (POST, Patient and Group level)",
+        "organizeOutputBy": "organizeOutputBy (Patient)",
+        "allowPartialManifests": "allowPartialManifests (true, false)",
+        "_typeFilter": (
+            "_typeFilter (the search parameters listed under each resource type; queries "
+            "for a type are OR'd, their parameters AND'd)"
+        ),
+        "_elements": (
+            "_elements (root elements, Type.element or element; resources marked SUBSETTED)"
+        ),
+    }
+    listed = ", ".join(described.get(n, n) for n in names)
+    return (
+        f"Supported parameters: {listed}. The manifest gives count and fileSize for every "
+        "file, and deleted[] (transaction Bundles) when _since is given. "
+        "Prefer: handling=lenient and Prefer: separate-export-status are supported."
+    )
+
+
+def _operation(definition: str) -> dict[str, object]:
+    return {"name": "export", "definition": definition, "documentation": export_parameters()}
+
+
 def capability_statement(base: str, security: dict[str, object] | None = None) -> dict[str, object]:
     def resource(type_: str) -> dict[str, object]:
         entry: dict[str, object] = {
@@ -43,21 +68,9 @@ def capability_statement(base: str, security: dict[str, object] | None = None) -
             "searchParam": _search_params(type_),
         }
         if type_ == "Patient":
-            entry["operation"] = [
-                {
-                    "name": "export",
-                    "definition": f"{BULK}/OperationDefinition/patient-export",
-                    "documentation": EXPORT_DOCS,
-                }
-            ]
+            entry["operation"] = [_operation(f"{BULK}/OperationDefinition/patient-export")]
         elif type_ == "Group":
-            entry["operation"] = [
-                {
-                    "name": "export",
-                    "definition": f"{BULK}/OperationDefinition/group-export",
-                    "documentation": EXPORT_DOCS,
-                }
-            ]
+            entry["operation"] = [_operation(f"{BULK}/OperationDefinition/group-export")]
         return entry
 
     return {
@@ -79,13 +92,7 @@ def capability_statement(base: str, security: dict[str, object] | None = None) -
                     "compartment."
                 ),
                 "resource": [resource(t) for t in sorted(RESOURCE_TYPES)],
-                "operation": [
-                    {
-                        "name": "export",
-                        "definition": f"{BULK}/OperationDefinition/export",
-                        "documentation": EXPORT_DOCS,
-                    },
-                ],
+                "operation": [_operation(f"{BULK}/OperationDefinition/export")],
                 **({"security": security} if security else {}),
             }
         ],

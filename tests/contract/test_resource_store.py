@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from datastore.resources import ExportQuery, ResourceStore
+import orjson
+
+from datastore.resources import BlockQuery, ExportQuery, ResourceStore
 
 
 def patient(
@@ -35,7 +37,8 @@ async def all_rows(
     rows, after = [], 0
     while True:
         page = await store.page(query, after, limit)
-        rows += [(r.id, r.version) for r in page.rows]
+        resources = [orjson.loads(raw) for raw in page.raws]
+        rows += [(r["id"], int(r["meta"]["versionId"])) for r in resources]
         after = page.next_after
         if page.last:
             return rows
@@ -150,11 +153,28 @@ async def test_ids_select_within_every_query_variant(resources: ResourceStore) -
     assert await all_rows(resources, none) == [] and await resources.count(none) == 0
 
 
+async def test_a_page_stops_at_the_last_seq_of_a_work_item(resources: ResourceStore) -> None:
+    await resources.write([patient(f"p{n}") for n in range(5)])
+    await resources.write([patient("p1", family="Roe")])  # seq 6 supersedes seq 2
+    snap = await resources.current_seq()
+    first_three = ExportQuery("Patient", snap, last_seq=3)
+    assert await all_rows(resources, first_three) == [("p0", 1), ("p2", 1)]
+    page = await resources.page(first_three, 0, 10)
+    assert page.last and page.next_after == 3
+    assert await all_rows(resources, ExportQuery("Patient", snap, last_seq=99)) == [
+        ("p0", 1),
+        ("p2", 1),
+        ("p3", 1),
+        ("p4", 1),
+        ("p1", 2),
+    ]
+
+
 async def test_stored_bytes_carry_meta(resources: ResourceStore) -> None:
     await resources.write([patient("a")])
     page = await resources.page(ExportQuery("Patient", 1), 0, 10)
-    assert page.rows[0].raw.startswith(b'{"resourceType":"Patient","id":"a"')
-    assert b'"versionId":"1"' in page.rows[0].raw
+    assert page.raws[0].startswith(b'{"resourceType":"Patient","id":"a"')
+    assert b'"versionId":"1"' in page.raws[0]
 
 
 async def test_scan_versions_includes_deletions(resources: ResourceStore) -> None:
@@ -166,3 +186,106 @@ async def test_scan_versions_includes_deletions(resources: ResourceStore) -> Non
         (1, False, 2),
         (2, True, None),
     ]
+
+
+async def all_deletions(store: ResourceStore, query: ExportQuery) -> list[str]:
+    ids, after = [], 0
+    while True:
+        page = await store.deletions(query, after, 1)
+        ids += [d.id for d in page.rows]
+        after = page.rows[-1].seq if page.rows else after
+        if page.last:
+            assert await store.count_deletions(query) == len(ids)
+            return ids
+
+
+async def deleted_at(store: ResourceStore, type_: str, id_: str) -> datetime:
+    stamps = [v.last_updated async for v in store.scan_versions() if (v.type, v.id) == (type_, id_)]
+    return datetime.fromtimestamp(stamps[-1] / 1_000_000, UTC)
+
+
+async def test_deletions_in_a_window_as_of_the_snapshot(resources: ResourceStore) -> None:
+    await resources.write([patient(p) for p in ("a", "b", "c", "d", "e")])
+    await resources.write([observation("o1", "a"), observation("o2", "b"), observation("o3", "c")])
+    await resources.delete("Patient", "a")  # at `since` exactly: not after it
+    since = await deleted_at(resources, "Patient", "a")
+    await resources.delete("Patient", "b")
+    await resources.delete("Patient", "c")
+    await resources.write([patient("c", family="Back")])  # re-created: current, not deleted
+    await resources.delete("Observation", "o1")
+    await resources.delete("Observation", "o2")
+    await resources.delete("Patient", "e")
+    snap = await resources.current_seq()
+    await resources.delete("Patient", "d")  # after the snapshot
+    await resources.delete("Observation", "o3")
+
+    assert await all_deletions(resources, ExportQuery("Patient", snap, since=since)) == ["b", "e"]
+    assert await all_deletions(resources, ExportQuery("Patient", snap)) == ["a", "b", "e"]
+    b_at = await deleted_at(resources, "Patient", "b")
+    until = ExportQuery("Patient", snap, since=since, until=b_at)  # until is inclusive
+    assert await all_deletions(resources, until) == ["b"]
+    before_b = ExportQuery("Patient", snap, since=since, until=b_at - timedelta(microseconds=1))
+    assert await all_deletions(resources, before_b) == []
+    # Compartments: those of the deleted (last live) versions.
+    observations = ExportQuery("Observation", snap, since=since, compartment=True)
+    assert await all_deletions(resources, observations) == ["o1", "o2"]
+    only_b = ExportQuery("Observation", snap, since=since, compartment=True, patients=["b"])
+    assert await all_deletions(resources, only_b) == ["o2"]
+    patients = ExportQuery("Patient", snap, since=since, compartment=True, patients=["e", "c"])
+    assert await all_deletions(resources, patients) == ["e"]
+    page = await resources.deletions(ExportQuery("Patient", snap, since=since), 0, 10)
+    assert [(d.id, d.version) for d in page.rows] == [("b", 2), ("e", 2)] and page.last
+    assert page.rows[0].deleted_at == int(b_at.timestamp() * 1_000_000)
+
+
+async def all_blocks(store: ResourceStore, query: BlockQuery) -> list[tuple[str, str, str]]:
+    found: list[tuple[str, str, str]] = []
+    after = ("", 0)
+    while True:
+        rows, last = await store.blocks(query, after, 2)
+        found += [(r.patient, r.type, r.id) for r in rows]
+        after = (rows[-1].patient, rows[-1].seq) if rows else after
+        if last:
+            return found
+
+
+async def test_blocks_by_patient_compartment(resources: ResourceStore) -> None:
+    await resources.write(
+        [patient("p2"), patient("p1", updated="2020-01-01T00:00:00.000Z")], keep_last_updated=True
+    )
+    await resources.write(
+        [
+            observation("o1", "p1"),
+            observation("o2", "p2"),
+            observation("o3", "ghost"),  # a compartment without a Patient resource
+            {
+                "resourceType": "Observation",
+                "id": "both",
+                "status": "final",
+                "subject": {"reference": "Patient/p1"},
+                "performer": [{"reference": "Patient/p2"}],
+            },
+            {"resourceType": "Organization", "id": "org"},
+        ]
+    )
+    await resources.write([observation("o1", "p1", value=2)])  # a second version
+    await resources.delete("Observation", "o2")
+    snap = await resources.current_seq()
+    await resources.write([observation("late", "p1")])
+
+    everything = await all_blocks(resources, BlockQuery(snap))
+    assert everything == [
+        ("ghost", "Observation", "o3"),
+        ("p1", "Patient", "p1"),
+        ("p1", "Observation", "both"),
+        ("p1", "Observation", "o1"),
+        ("p2", "Patient", "p2"),
+        ("p2", "Observation", "both"),
+    ]
+    rows, _ = await resources.blocks(BlockQuery(snap), ("p1", 0), 10)
+    assert [(r.patient, r.id, r.version) for r in rows][2] == ("p1", "o1", 2)
+    assert rows[0].raw.startswith(b'{"resourceType":"Patient","id":"p1"')
+    only_p2 = BlockQuery(snap, types=["Observation"], patients=["p2"])
+    assert await all_blocks(resources, only_p2) == [("p2", "Observation", "both")]
+    since = BlockQuery(snap, types=["Patient"], since=datetime(2021, 1, 1, tzinfo=UTC))
+    assert await all_blocks(resources, since) == [("p2", "Patient", "p2")]

@@ -7,15 +7,17 @@ import contextlib
 import gzip
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
+from datastore.resources import ExportQuery
 from exportsvc.api import create_app
 from exportsvc.api.keys import OPERATIONS, RESOURCES
-from exportsvc.records import JobStatus
+from exportsvc.records import JobStatus, utcnow
 from exportsvc.seed import generate
 from exportsvc.settings import Settings
 
@@ -88,6 +90,14 @@ async def finished(session: ClientSession, url: str) -> Any:
         ("/$export?_typeFilter=Observation%3Fdate%3Dsoon", ASYNC, "date=soon", 400),
         ("/$export?_typeFilter=Observation", ASYNC, "ResourceType?", 400),
         ("/$export?_elements=Patient.name.family", ASYNC, "Patient.name.family", 400),
+        ("/$export?includeAssociatedData=_custom,Nope", ASYNC, "'_custom', 'Nope'", 400),
+        ("/$export?organizeOutputBy=Encounter", ASYNC, "organizeOutputBy 'Encounter'", 400),
+        (
+            "/$export?organizeOutputBy=Patient&includeAssociatedData=LatestProvenanceResources",
+            ASYNC,
+            "cannot be combined with organizeOutputBy",
+            400,
+        ),
         ("/$export", {**ASYNC, "Accept": "text/html"}, "Accept", 400),
         ("/Group/does-not-exist/$export", ASYNC, "Group/does-not-exist", 404),
     ],
@@ -142,9 +152,12 @@ async def test_export_poll_download_delete(server: tuple[TestServer, ClientSessi
             lines = gzip.decompress(await response.content.read()).splitlines()
         assert len(lines) == f["count"]
         assert {orjson.loads(line)["resourceType"] for line in lines} == {f["type"]}
-    async with session.get(files[0]["url"], headers={"Accept-Encoding": "identity"}) as response:
-        assert "Content-Encoding" not in response.headers
-        assert len((await response.read()).splitlines()) == files[0]["count"]
+    for f in [*files, *manifest["error"]]:
+        async with session.get(f["url"], headers={"Accept-Encoding": "identity"}) as response:
+            assert "Content-Encoding" not in response.headers
+            body = await response.read()
+        assert len(body.splitlines()) == f["count"]
+        assert len(body) == f["fileSize"] > 0
 
     async with session.delete(status_url) as response:
         assert response.status == 202
@@ -188,6 +201,16 @@ async def test_metadata_lists_types_and_operations(
     types = {r["type"] for r in rest["resource"]}
     assert {"Patient", "Observation", "Group", "Practitioner"} <= types
     assert rest["operation"][0]["name"] == "export"
+    supported = rest["operation"][0]["documentation"]
+    for name in (
+        "_since",
+        "_type",
+        "includeAssociatedData (LatestProvenanceResources",
+        "organizeOutputBy (Patient)",
+        "allowPartialManifests",
+        "separate-export-status",
+    ):
+        assert name in supported
     patient = next(r for r in rest["resource"] if r["type"] == "Patient")
     assert patient["operation"][0]["definition"].endswith("patient-export")
 
@@ -224,3 +247,30 @@ async def test_a_job_left_unsettled_by_a_dead_worker_settles_on_poll(
     assert manifest["output"][0]["type"] == "Patient"
     settled = await operations.get(job.id)
     assert settled is not None and settled.status == JobStatus.COMPLETED
+
+
+async def test_a_since_export_lists_deletions_in_its_manifest(
+    server: tuple[TestServer, ClientSession],
+) -> None:
+    test_server, session = server
+    store = test_server.app[RESOURCES]
+    since = utcnow()
+    page = await store.page(ExportQuery("Condition", await store.current_seq()), 0, 2)
+    ids = [orjson.loads(raw)["id"] for raw in page.raws]
+    for id_ in ids:
+        await store.delete("Condition", id_)
+    query = f"_type=Condition,Patient&_since={quote(since.isoformat())}"
+    async with session.get(f"/$export?{query}", headers=ASYNC) as response:
+        status_url = response.headers["Content-Location"]
+    _, manifest = await finished(session, status_url)
+    assert manifest["output"] == []
+    [deleted] = manifest["deleted"]
+    assert (deleted["type"], deleted["count"]) == ("Bundle", 2)
+    async with session.get(deleted["url"], headers={"Accept-Encoding": "identity"}) as response:
+        body = await response.read()
+    assert len(body) == deleted["fileSize"]
+    urls = sorted(orjson.loads(line)["entry"][0]["request"]["url"] for line in body.splitlines())
+    assert urls == sorted(f"Condition/{id_}" for id_ in ids)
+    async with session.get("/$export?_type=Condition", headers=ASYNC) as response:
+        _, without_since = await finished(session, response.headers["Content-Location"])
+    assert "deleted" not in without_since

@@ -14,7 +14,9 @@ import pytest
 from datastore.resources import ExportQuery, Page, ResourceStore
 from exportsvc.errors import DestinationError, SecretNotFound
 from exportsvc.export_task import JobSignals
-from exportsvc.records import ExportItemRecord, ExportKind, JobStatus, utcnow
+from exportsvc.fhir.compartment import patient_ids
+from exportsvc.records import ExportItemRecord, ExportJobRecord, ExportKind, JobStatus, utcnow
+from exportsvc.validator import validate_export
 from tests.integration.conftest import Harness
 
 
@@ -98,17 +100,19 @@ async def test_patient_and_group_exports(harness: Harness) -> None:
 async def _groups(store: ResourceStore) -> Any:
     snap = await store.current_seq()
     page = await store.page(ExportQuery("Group", snap), 0, 100)
-    for row in page.rows:
-        yield orjson.loads(row.raw)
+    for raw in page.raws:
+        yield orjson.loads(raw)
 
 
 class _Crash(BaseException):
     """A process dying: nothing after it runs (not an ExportSvcError, not an Exception)."""
 
 
-async def one_item(harness: Harness, **fields: Any) -> tuple[str, ExportItemRecord]:
+async def one_item(
+    harness: Harness, kind: ExportKind = ExportKind.SYSTEM, **fields: Any
+) -> tuple[str, ExportItemRecord]:
     """An export of a single work item, planned; the item leased."""
-    job = await harness.submit(**fields)
+    job = await harness.submit(kind, **fields)
     items = await harness.plan()
     assert len(items) == 1
     item = await harness.acquire()
@@ -154,7 +158,8 @@ async def test_writes_during_the_export_do_not_leak_into_it(harness: Harness) ->
     job_id, item = await one_item(harness, types=["Patient"])
     store = harness.runtime.resources
     first_page = await store.page(ExportQuery("Patient", item.snapshot_seq), 0, 3)
-    changed, deleted = first_page.rows[-1].id, first_page.rows[0].id
+    first = [orjson.loads(raw)["id"] for raw in first_page.raws]
+    changed, deleted = first[-1], first[0]
     original = store.page
     calls = 0
 
@@ -227,14 +232,16 @@ async def test_drain_releases_with_a_checkpoint_and_resumes(harness: Harness) ->
     assert isinstance(drained, ExportItemRecord)
     assert drained.status == JobStatus.QUEUED and drained.failure_count == 0
     assert drained.resources_done > 0 and drained.lease.owner is None
-    assert drained.pages_read == calls == 3
+    # The page read ahead when the drain came was dropped unwritten: the checkpoint
+    # covers the pages before it.
+    assert calls == 3 and drained.pages_read == 2
     resumed = await harness.acquire()
     assert resumed.id == item.id and resumed.restart_count == 0
     pages = _count_pages(store)
     done = await harness.run(resumed)
     assert isinstance(done, ExportItemRecord) and done.status == JobStatus.COMPLETED
-    # Nothing read before the drain is read again.
-    assert pages() + calls == done.pages_read
+    # Nothing written before the drain is read again; the dropped page is.
+    assert pages() + drained.pages_read == done.pages_read
     assert (await harness.validate(job_id)).ok
 
 
@@ -281,3 +288,348 @@ async def test_an_export_of_nothing_completes(harness: Harness) -> None:
     view = await harness.run_all(job.id)
     assert view.job.status == JobStatus.COMPLETED and view.items == [] and view.files == []
     assert (await harness.validate(job.id)).ok
+
+
+async def test_the_validator_checks_counts_and_file_sizes(harness: Harness) -> None:
+    job = await harness.submit(types=["Patient"], ignored=["unknown parameter 'foo'"])
+    view = await harness.run_all(job.id)
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()
+    dest = harness.runtime.destinations.for_job(job.id, None)
+    for f in view.files:  # the recorded size is the file's: what the manifest says
+        assert f.committed_bytes == sum([len(c) async for c in dest.read(f.name)]) > 0
+    error = next(f for f in view.files if f.role == "error")
+    error.committed_bytes += 1
+    error.count += 1
+    assert isinstance(view.job, ExportJobRecord)
+    lied = await validate_export(view, harness.runtime.resources, dest)
+    assert lied.problem_count == 2
+    assert "fileSize is" in lied.render() and "counts 2 lines, the file has 1" in lied.render()
+
+
+async def _ids(store: ResourceStore, type_: str, limit: int = 1000) -> list[str]:
+    page = await store.page(ExportQuery(type_, await store.current_seq()), 0, limit)
+    return [orjson.loads(raw)["id"] for raw in page.raws]
+
+
+async def _stamp(store: ResourceStore, type_: str, id_: str) -> datetime:
+    stamps = [v.last_updated async for v in store.scan_versions() if (v.type, v.id) == (type_, id_)]
+    return datetime.fromtimestamp(stamps[-1] / 1_000_000, UTC)
+
+
+async def _deleted_urls(harness: Harness, job_id: str) -> list[str]:
+    view = await harness.view(job_id)
+    dest = harness.runtime.destinations.for_job(job_id, None)
+    urls = []
+    for f in view.files:
+        if f.role == "deleted":
+            assert f.type == "Bundle"
+            body = b"".join([c async for c in dest.read(f.name)])
+            for line in body.splitlines():
+                bundle = orjson.loads(line)
+                assert bundle["type"] == "transaction"
+                assert [e["request"]["method"] for e in bundle["entry"]] == ["DELETE"]
+                urls.append(bundle["entry"][0]["request"]["url"])
+    return urls
+
+
+async def test_since_lists_deletions_in_the_window_and_never_in_output(harness: Harness) -> None:
+    store = harness.runtime.resources
+    observations, conditions = await _ids(store, "Observation"), await _ids(store, "Condition")
+    await store.delete("Observation", observations[0])  # before _since: not listed
+    since = await _stamp(store, "Observation", observations[0])
+    for id_ in observations[1:4]:
+        await store.delete("Observation", id_)
+    await store.delete("Condition", conditions[0])
+    back = await store.read("Condition", conditions[1])
+    assert back is not None
+    await store.delete("Condition", conditions[1])
+    await store.write([back])  # deleted and re-created in the window: output only
+    job = await harness.submit(types=["Observation", "Condition", "Patient"], since=since)
+    await store.delete("Observation", observations[4])  # after the kick-off: not listed
+    view = await harness.run_all(job.id)
+    assert view.job.status == JobStatus.COMPLETED
+    assert sorted(await _deleted_urls(harness, job.id)) == sorted(
+        [f"Observation/{i}" for i in observations[1:4]] + [f"Condition/{conditions[0]}"]
+    )
+    deleted_items = [i for i in view.exports if i.content == "deleted"]
+    assert sorted(i.type for i in deleted_items) == ["Condition", "Observation"]
+    output = [f for f in view.files if f.role == "output"]
+    assert [(f.type, f.count) for f in output] == [("Condition", 1)]
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()
+    assert report.found["Observation (deleted)"] == 3
+
+
+async def test_deletions_at_group_level_follow_the_deleted_versions_compartment(
+    harness: Harness,
+) -> None:
+    store = harness.runtime.resources
+    groups = [g async for g in _groups(store)]
+    group = min(groups, key=lambda g: len(g["member"]))
+    members = {m["entity"]["reference"].split("/")[1] for m in group["member"]}
+    since = datetime.now(UTC)
+    by_patient: dict[bool, list[str]] = {True: [], False: []}
+    snap = await store.current_seq()
+    for raw in (await store.page(ExportQuery("Observation", snap), 0, 1000)).raws:
+        observation = orjson.loads(raw)
+        subject = observation["subject"]["reference"].split("/")[1]
+        by_patient[subject in members].append(observation["id"])
+    inside, outside = by_patient[True][:2], by_patient[False][:2]
+    for id_ in inside + outside:
+        await store.delete("Observation", id_)
+    job = await harness.submit(ExportKind.GROUP, group_id=group["id"], since=since)
+    view = await harness.run_all(job.id)
+    assert sorted(await _deleted_urls(harness, job.id)) == sorted(
+        f"Observation/{i}" for i in inside
+    )
+    assert not [f for f in view.files if f.role == "output"]  # nothing changed since
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()
+
+
+async def test_a_drained_deletions_item_resumes_from_its_checkpoint(harness: Harness) -> None:
+    harness.runtime.settings = harness.settings.model_copy(
+        update={"page_size": 2, "commit_every_pages": 1}
+    )
+    store = harness.runtime.resources
+    since = datetime.now(UTC)
+    for id_ in (await _ids(store, "Observation"))[:7]:
+        await store.delete("Observation", id_)
+    job_id, item = await one_item(harness, types=["Observation"], since=since)
+    assert item.content == "deleted"
+    signals = JobSignals()
+    original = store.deletions
+    calls = 0
+
+    async def deletions_then_drain(query: ExportQuery, after: int, limit: int) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # while the second page is written (the third is read ahead)
+            signals.drain.set()
+        return await original(query, after, limit)
+
+    store.deletions = deletions_then_drain  # type: ignore[method-assign]
+    await harness.task(item, signals).run()
+    store.deletions = original  # type: ignore[method-assign]
+    drained = await harness.runtime.operations.get(item.id)
+    assert isinstance(drained, ExportItemRecord) and drained.status == JobStatus.QUEUED
+    assert drained.resources_done == 4 and drained.output[0].count == 4
+    resumed = await harness.acquire()
+    done = await harness.run(resumed)
+    assert isinstance(done, ExportItemRecord) and done.resources_done == 7
+    assert len(await _deleted_urls(harness, job_id)) == 7
+    report = await harness.validate(job_id)
+    assert report.ok, report.render()
+
+
+async def _current(store: ResourceStore, type_: str) -> list[dict[str, Any]]:
+    page = await store.page(ExportQuery(type_, await store.current_seq()), 0, 10_000)
+    return [orjson.loads(raw) for raw in page.raws]
+
+
+async def _exported_ids(harness: Harness, job_id: str, type_: str) -> list[str]:
+    view = await harness.view(job_id)
+    dest = harness.runtime.destinations.for_job(job_id, None)
+    ids = []
+    for f in view.files:
+        if f.type == type_ and f.role == "output":
+            body = b"".join([c async for c in dest.read(f.name)])
+            ids += [orjson.loads(line)["id"] for line in body.splitlines()]
+    return ids
+
+
+def _targets(provenance: dict[str, Any]) -> set[str]:
+    return {t["reference"] for t in provenance["target"]}
+
+
+@pytest.mark.parametrize("value", ["RelevantProvenanceResources", "LatestProvenanceResources"])
+async def test_associated_provenance_of_the_exported_resources(
+    harness: Harness, value: str
+) -> None:
+    store = harness.runtime.resources
+    provenance = await _current(store, "Provenance")
+    encounters = await _current(store, "Encounter")
+    since = datetime(2024, 1, 1, tzinfo=UTC)
+    exported = {
+        f"Encounter/{e['id']}" for e in encounters if e["meta"]["lastUpdated"] >= "2024-01-01"
+    }
+    assert 0 < len(exported) < len(encounters)
+    # In Python: the Provenance naming an exported Encounter; Latest: the most recent one
+    # (here `recorded` decides) of each exported Encounter.
+    relevant = {p["id"] for p in provenance if _targets(p) & exported}
+    latest = {
+        max((p for p in provenance if e in _targets(p)), key=lambda p: p["recorded"])["id"]
+        for e in exported
+    }
+    assert latest < relevant, "the seed has amended records: Latest is a real subset"
+    job = await harness.submit(types=["Encounter", "Provenance"], since=since, associated=[value])
+    view = await harness.run_all(job.id)
+    assert view.job.status == JobStatus.COMPLETED
+    got = await _exported_ids(harness, job.id, "Provenance")
+    assert sorted(got) == sorted(relevant if value.startswith("Relevant") else latest)
+    assert sorted(await _exported_ids(harness, job.id, "Encounter")) == sorted(
+        e.split("/")[1] for e in exported
+    )
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()
+
+    # Observations have no Provenance here: an export of them adds none.
+    job = await harness.submit(types=["Observation"], associated=[value])
+    view = await harness.run_all(job.id)
+    assert {f.type for f in view.files} == {"Observation"}
+    assert (await harness.validate(job.id)).ok
+
+
+async def test_associated_provenance_at_group_level_and_after_a_drain(harness: Harness) -> None:
+    harness.runtime.settings = harness.settings.model_copy(
+        update={"page_size": 2, "commit_every_pages": 1}
+    )
+    store = harness.runtime.resources
+    group = min([g async for g in _groups(store)], key=lambda g: len(g["member"]))
+    members = {m["entity"]["reference"] for m in group["member"]}
+    provenance = await _current(store, "Provenance")
+    mine = [p for p in provenance if _targets(p) & members]
+    latest = {max(mine, key=lambda p: p["recorded"])["id"]} if len(members) == 1 else None
+    job = await harness.submit(
+        ExportKind.GROUP,
+        group_id=group["id"],
+        types=["Patient"],
+        associated=["LatestProvenanceResources"],
+    )
+    items = await harness.plan()
+    assert [(i.type, i.content) for i in items] == [
+        ("Patient", "resources"),
+        ("Provenance", "provenance"),
+    ]
+    await harness.run(await harness.acquire())  # the Patients
+    item = await harness.acquire()
+    assert isinstance(item, ExportItemRecord) and item.content == "provenance"
+    signals = JobSignals()
+    original = store.page
+    calls, prepare_calls = 0, len(provenance) // 2 + 1  # the read-only pass of Latest
+
+    async def page_then_drain(query: ExportQuery, after: int, limit: int) -> Page:
+        nonlocal calls
+        calls += 1
+        if calls == prepare_calls + 3:  # the third is a page read ahead
+            signals.drain.set()
+        return await original(query, after, limit)
+
+    store.page = page_then_drain  # type: ignore[method-assign]
+    await harness.task(item, signals).run()
+    store.page = original  # type: ignore[method-assign]
+    drained = await harness.runtime.operations.get(item.id)
+    assert isinstance(drained, ExportItemRecord) and drained.status == JobStatus.QUEUED
+    assert drained.pages_read == 2
+    done = await harness.run(await harness.acquire())
+    assert done.status == JobStatus.COMPLETED
+    got = await _exported_ids(harness, job.id, "Provenance")
+    # Each member's Patient record: its most recent Provenance, once.
+    assert len(got) == len(set(got)) == len(members)
+    if latest is not None:
+        assert set(got) == latest
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()
+
+
+async def _lines_of(harness: Harness, job_id: str, name: str) -> list[dict[str, Any]]:
+    dest = harness.runtime.destinations.for_job(job_id, None)
+    body = b"".join([c async for c in dest.read(name)])
+    return [orjson.loads(line) for line in body.splitlines()]
+
+
+def _header_of(line: dict[str, Any]) -> str | None:
+    if line["resourceType"] != "Parameters":
+        return None
+    reference: str = line["parameter"][0]["valueReference"]["reference"]
+    return reference.split("/")[1]
+
+
+async def test_organize_output_by_patient(harness: Harness) -> None:
+    store = harness.runtime.resources
+    job = await harness.submit(organize_by="Patient")
+    items = await harness.plan()
+    assert [(i.content, i.scope) for i in items] == [("organized", "Patient.blocks")]
+    view = await harness.run_all(job.id)
+    files = [f for f in view.files if f.role == "output"]
+    assert len(files) > 3 and any(f.continues_in for f in files), "max_file_bytes=4096 splits"
+    blocks: dict[str, list[str]] = {}
+    current = None
+    for f in files:
+        lines = await _lines_of(harness, job.id, f.name)
+        assert _header_of(lines[0]) is not None, "every file starts with a block header"
+        for line in lines:
+            patient = _header_of(line)
+            if patient is not None:
+                current = patient
+                blocks.setdefault(patient, [])
+            else:
+                assert current is not None
+                blocks[current].append(f"{line['resourceType']}/{line['id']}")
+    # In Python: each Patient's block holds its compartment (the seed's clinical resources,
+    # its Provenance, the Groups it is a member of), its Patient first.
+    expected: dict[str, set[str]] = {}
+    snap = job.snapshot_seq
+    for type_ in await store.types(snap):
+        for raw in (await store.page(ExportQuery(type_, snap), 0, 10_000)).raws:
+            resource = orjson.loads(raw)
+            for patient in patient_ids(resource):
+                expected.setdefault(patient, set()).add(f"{type_}/{resource['id']}")
+    assert {p: set(b) for p, b in blocks.items()} == expected
+    assert all(b[0] == f"Patient/{p}" for p, b in blocks.items())
+    assert not any(
+        r.startswith(("Organization/", "Practitioner/")) for b in blocks.values() for r in b
+    )
+    report = await harness.validate(job.id)
+    assert report.ok, report.render()
+    # The validator sees a split block the manifest does not tie together.
+    split = next(f for f in view.files if f.continues_in)
+    split.continues_in = None
+    dest = harness.runtime.destinations.for_job(job.id, None)
+    broken = await validate_export(view, store, dest)
+    assert not broken.ok and "a second block of Patient/" in broken.render()
+
+
+async def test_organized_blocks_resume_after_a_drain(harness: Harness) -> None:
+    harness.runtime.settings = harness.settings.model_copy(
+        update={"page_size": 20, "commit_every_pages": 1}
+    )
+    store = harness.runtime.resources
+    group = max([g async for g in _groups(store)], key=lambda g: len(g["member"]))
+    job_id, item = await one_item(
+        harness,
+        kind=ExportKind.GROUP,
+        group_id=group["id"],
+        organize_by="Patient",
+        types=["Patient", "Observation", "Condition"],
+    )
+    signals = JobSignals()
+    original = store.blocks
+    calls = 0
+
+    async def blocks_then_drain(query: Any, after: Any, limit: int) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            signals.drain.set()
+        return await original(query, after, limit)
+
+    store.blocks = blocks_then_drain  # type: ignore[method-assign]
+    await harness.task(item, signals).run()
+    store.blocks = original  # type: ignore[method-assign]
+    drained = await harness.runtime.operations.get(item.id)
+    assert isinstance(drained, ExportItemRecord) and drained.status == JobStatus.QUEUED
+    assert drained.after_patient and drained.pages_read == 5
+    done = await harness.run(await harness.acquire())
+    assert done.status == JobStatus.COMPLETED
+    view = await harness.view(job_id)
+    patients = set()
+    for f in view.files:
+        patients |= {
+            p for line in await _lines_of(harness, job_id, f.name) if (p := _header_of(line))
+        }
+    members = {m["entity"]["reference"].split("/")[1] for m in group["member"]}
+    assert patients == members
+    report = await harness.validate(job_id)
+    assert report.ok, report.render()

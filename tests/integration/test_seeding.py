@@ -51,7 +51,7 @@ async def test_seeded_compartments_match_the_patient_compartment_definition(
     for type_ in ("Patient", "Observation", "Encounter", "Practitioner"):
         query = ExportQuery(type=type_, snapshot_seq=snapshot, compartment=True, patients=[patient])
         page = await resources.page(query, 0, 100_000)
-        found = {orjson.loads(row.raw)["id"] for row in page.rows}
+        found = {orjson.loads(raw)["id"] for raw in page.raws}
         assert found or type_ == "Practitioner"  # in no Patient's compartment
         assert found == {
             r["id"] for r in data if r["resourceType"] == type_ and patient in patient_ids(r)

@@ -179,3 +179,47 @@ def test_container_names_accepted(name: str) -> None:
 def test_container_names_refused(name: str) -> None:
     with pytest.raises(InvalidRequest, match="_container"):
         parse([("_container", name)])
+
+
+def test_include_associated_data_values() -> None:
+    request = parse(
+        [
+            ("includeAssociatedData", "LatestProvenanceResources"),
+            ("includeAssociatedData", "RelevantProvenanceResources,LatestProvenanceResources"),
+        ]
+    )
+    assert request.associated == ["LatestProvenanceResources", "RelevantProvenanceResources"]
+    assert parse([]).associated == []
+    with pytest.raises(InvalidRequest, match="includeAssociatedData '_custom', 'Nope'"):
+        parse([("includeAssociatedData", "_custom,LatestProvenanceResources,Nope")])
+    lenient = parse(
+        [("includeAssociatedData", "Nope,RelevantProvenanceResources")],
+        prefer="respond-async, handling=lenient",
+    )
+    assert lenient.associated == ["RelevantProvenanceResources"]
+    assert len(lenient.ignored) == 1 and "'Nope'" in lenient.ignored[0]
+
+
+def test_allow_partial_manifests_and_separate_export_status() -> None:
+    assert parse([("allowPartialManifests", "true")]).partial_manifests is True
+    assert parse([("allowPartialManifests", "false")]).partial_manifests is False
+    assert parse([]).partial_manifests is False
+    with pytest.raises(InvalidRequest, match="allowPartialManifests 'yes'"):
+        parse([("allowPartialManifests", "yes")])
+    with pytest.raises(InvalidRequest, match="allowPartialManifests may be given only once"):
+        parse([("allowPartialManifests", "true"), ("allowPartialManifests", "true")])
+    assert parse([], prefer="respond-async, separate-export-status").separate_status is True
+    assert parse([], prefer="respond-async").separate_status is False
+
+
+def test_organize_output_by() -> None:
+    assert parse([("organizeOutputBy", "Patient")]).organize_by == "Patient"
+    assert parse([]).organize_by is None
+    with pytest.raises(InvalidRequest, match="organizeOutputBy 'Group'"):
+        parse([("organizeOutputBy", "Group")])
+    both = [("organizeOutputBy", "Patient"), ("includeAssociatedData", "LatestProvenanceResources")]
+    with pytest.raises(InvalidRequest, match="cannot be combined"):
+        parse(both)
+    lenient = parse(both, prefer="respond-async, handling=lenient")
+    assert lenient.organize_by == "Patient" and lenient.associated == []
+    assert "cannot be combined" in lenient.ignored[0]

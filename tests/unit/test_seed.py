@@ -51,6 +51,7 @@ TYPES = {
     "Procedure",
     "Immunization",
     "DiagnosticReport",
+    "Provenance",
     "Group",
 }
 
@@ -303,3 +304,18 @@ def benchmark(patients: int = 20_000, rounds: int = 3) -> float:
 if __name__ == "__main__":
     size = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
     print(f"generate({size}): {benchmark(size):,.0f} resources/s")
+
+
+def test_provenance_names_each_patients_record_and_some_are_amended() -> None:
+    resources = sample()
+    provenance = [r for r in resources if r["resourceType"] == "Provenance"]
+    by_patient = Counter(p["target"][0]["reference"] for p in provenance)
+    assert len(by_patient) == 40 and set(by_patient.values()) == {1, 2}
+    for p in provenance:
+        assert p["recorded"] == p["meta"]["lastUpdated"]
+        assert [t["reference"].split("/")[0] for t in p["target"]][:2] == ["Patient", "Encounter"]
+        assert p["agent"][0]["who"]["reference"].startswith("Practitioner/")
+    amended = [p for p in provenance if p["activity"]["coding"][0]["code"] == "UPDATE"]
+    for later in amended:
+        first = next(p for p in provenance if p["target"] == later["target"] and p is not later)
+        assert parse(first["recorded"]) < parse(later["recorded"])

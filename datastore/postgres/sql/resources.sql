@@ -69,16 +69,16 @@ WHERE type IS NOT NULL
 ORDER BY type;
 
 -- name: page_all
-SELECT seq, id, version, raw FROM resources
-WHERE type = $1 AND seq > $5 AND seq <= $2
+SELECT seq, raw FROM resources
+WHERE type = $1 AND seq > $5 AND seq <= $8
   AND (next_seq IS NULL OR next_seq > $2) AND NOT deleted
   AND last_updated >= $3 AND last_updated <= $4
   AND ($7::text[] IS NULL OR id = ANY($7::text[]))
 ORDER BY seq LIMIT $6;
 
 -- name: page_compartment
-SELECT seq, id, version, raw FROM resources AS r
-WHERE type = $1 AND seq > $5 AND seq <= $2
+SELECT seq, raw FROM resources AS r
+WHERE type = $1 AND seq > $5 AND seq <= $8
   AND (next_seq IS NULL OR next_seq > $2) AND NOT deleted
   AND last_updated >= $3 AND last_updated <= $4
   AND EXISTS (SELECT 1 FROM resource_patients AS rp WHERE rp.seq = r.seq)
@@ -86,14 +86,14 @@ WHERE type = $1 AND seq > $5 AND seq <= $2
 ORDER BY seq LIMIT $6;
 
 -- name: page_patients
-SELECT seq, id, version, raw FROM resources AS r
-WHERE type = $1 AND seq > $5 AND seq <= $2
+SELECT seq, raw FROM resources AS r
+WHERE type = $1 AND seq > $5 AND seq <= $9
   AND (next_seq IS NULL OR next_seq > $2) AND NOT deleted
   AND last_updated >= $3 AND last_updated <= $4
   AND EXISTS (
     SELECT 1 FROM resource_patients AS rp
     WHERE rp.seq = r.seq AND rp.patient_id = ANY($7::text[])
-      AND rp.seq > $5 AND rp.seq <= $2  -- the planner does not carry ranges across joins
+      AND rp.seq > $5 AND rp.seq <= $9  -- the planner does not carry ranges across joins
   )
   AND ($8::text[] IS NULL OR id = ANY($8::text[]))
 ORDER BY seq LIMIT $6;
@@ -127,3 +127,58 @@ WHERE type = $1 AND seq <= $2
 -- name: scan_versions
 SELECT seq, type, id, version, next_seq, last_updated, deleted, raw FROM resources
 WHERE seq > $1 ORDER BY seq LIMIT $2;
+
+-- name: deletions_all
+-- Deletions: resources whose version current at the snapshot ($2) is a deletion made in
+-- ($3, $4]; pages take ($5 after seq, $6 limit), the patient list comes last. Their
+-- compartment is that of the version they deleted (version - 1), always a live one.
+SELECT seq, id, version, last_updated FROM resources
+WHERE type = $1 AND deleted AND seq > $5 AND seq <= $2
+  AND (next_seq IS NULL OR next_seq > $2)
+  AND last_updated > $3 AND last_updated <= $4
+ORDER BY seq LIMIT $6;
+
+-- name: deletions_compartment
+SELECT seq, id, version, last_updated FROM resources AS r
+WHERE type = $1 AND deleted AND seq > $5 AND seq <= $2
+  AND (next_seq IS NULL OR next_seq > $2)
+  AND last_updated > $3 AND last_updated <= $4
+  AND EXISTS (
+    SELECT 1 FROM resources AS p JOIN resource_patients AS rp ON rp.seq = p.seq
+    WHERE p.type = r.type AND p.id = r.id AND p.version = r.version - 1
+  )
+ORDER BY seq LIMIT $6;
+
+-- name: deletions_patients
+SELECT seq, id, version, last_updated FROM resources AS r
+WHERE type = $1 AND deleted AND seq > $5 AND seq <= $2
+  AND (next_seq IS NULL OR next_seq > $2)
+  AND last_updated > $3 AND last_updated <= $4
+  AND EXISTS (
+    SELECT 1 FROM resources AS p JOIN resource_patients AS rp ON rp.seq = p.seq
+    WHERE p.type = r.type AND p.id = r.id AND p.version = r.version - 1
+      AND rp.patient_id = ANY($7::text[])
+  )
+ORDER BY seq LIMIT $6;
+
+-- name: blocks_all
+-- organizeOutputBy=Patient: (patient, resource) pairs in (patient id, seq) order, keyset
+-- pages over the resource_patients primary key. ($1 snapshot, $2 since, $3 until,
+-- $4 types or NULL, $5/$6 after (patient, seq), $7 limit, $8 patients).
+SELECT rp.patient_id, r.seq, r.type, r.id, r.version, r.raw
+FROM resource_patients AS rp JOIN resources AS r ON r.seq = rp.seq
+WHERE (rp.patient_id, rp.seq) > ($5, $6) AND rp.seq <= $1
+  AND (r.next_seq IS NULL OR r.next_seq > $1) AND NOT r.deleted
+  AND r.last_updated >= $2 AND r.last_updated <= $3
+  AND ($4::text[] IS NULL OR r.type = ANY($4::text[]))
+ORDER BY rp.patient_id, rp.seq LIMIT $7;
+
+-- name: blocks_patients
+SELECT rp.patient_id, r.seq, r.type, r.id, r.version, r.raw
+FROM resource_patients AS rp JOIN resources AS r ON r.seq = rp.seq
+WHERE (rp.patient_id, rp.seq) > ($5, $6) AND rp.seq <= $1
+  AND rp.patient_id = ANY($8::text[])
+  AND (r.next_seq IS NULL OR r.next_seq > $1) AND NOT r.deleted
+  AND r.last_updated >= $2 AND r.last_updated <= $3
+  AND ($4::text[] IS NULL OR r.type = ANY($4::text[]))
+ORDER BY rp.patient_id, rp.seq LIMIT $7;

@@ -38,16 +38,16 @@ SELECT min(seq), max(seq) FROM resources WHERE type = :type AND seq <= :as_of;
 SELECT DISTINCT type FROM resources WHERE seq <= :as_of ORDER BY type;
 
 -- name: page_all
-SELECT seq, id, version, raw FROM resources
-WHERE type = :type AND seq > :after AND seq <= :snap
+SELECT seq, raw FROM resources
+WHERE type = :type AND seq > :after AND seq <= :last
   AND (next_seq IS NULL OR next_seq > :snap) AND deleted = 0
   AND last_updated >= :since AND last_updated <= :until
   AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))
 ORDER BY seq LIMIT :limit;
 
 -- name: page_compartment
-SELECT seq, id, version, raw FROM resources AS r
-WHERE type = :type AND seq > :after AND seq <= :snap
+SELECT seq, raw FROM resources AS r
+WHERE type = :type AND seq > :after AND seq <= :last
   AND (next_seq IS NULL OR next_seq > :snap) AND deleted = 0
   AND last_updated >= :since AND last_updated <= :until
   AND EXISTS (SELECT 1 FROM resource_patients AS rp WHERE rp.seq = r.seq)
@@ -55,8 +55,8 @@ WHERE type = :type AND seq > :after AND seq <= :snap
 ORDER BY seq LIMIT :limit;
 
 -- name: page_patients
-SELECT seq, id, version, raw FROM resources AS r
-WHERE type = :type AND seq > :after AND seq <= :snap
+SELECT seq, raw FROM resources AS r
+WHERE type = :type AND seq > :after AND seq <= :last
   AND (next_seq IS NULL OR next_seq > :snap) AND deleted = 0
   AND last_updated >= :since AND last_updated <= :until
   AND EXISTS (
@@ -95,3 +95,59 @@ WHERE type = :type AND seq <= :snap
 -- name: scan_versions
 SELECT seq, type, id, version, next_seq, last_updated, deleted, raw FROM resources
 WHERE seq > :after ORDER BY seq LIMIT :limit;
+
+-- name: deletions_all
+-- Deletions: resources whose version current at the snapshot is a deletion made in
+-- (since, until]. Their compartment is that of the version they deleted (version - 1),
+-- which is always a live one.
+SELECT seq, id, version, last_updated FROM resources
+WHERE type = :type AND deleted = 1 AND seq > :after AND seq <= :snap
+  AND (next_seq IS NULL OR next_seq > :snap)
+  AND last_updated > :since AND last_updated <= :until
+ORDER BY seq LIMIT :limit;
+
+-- name: deletions_compartment
+SELECT seq, id, version, last_updated FROM resources AS r
+WHERE type = :type AND deleted = 1 AND seq > :after AND seq <= :snap
+  AND (next_seq IS NULL OR next_seq > :snap)
+  AND last_updated > :since AND last_updated <= :until
+  AND EXISTS (
+    SELECT 1 FROM resources AS p JOIN resource_patients AS rp ON rp.seq = p.seq
+    WHERE p.key_hash = r.key_hash AND p.type = r.type AND p.id = r.id
+      AND p.version = r.version - 1
+  )
+ORDER BY seq LIMIT :limit;
+
+-- name: deletions_patients
+SELECT seq, id, version, last_updated FROM resources AS r
+WHERE type = :type AND deleted = 1 AND seq > :after AND seq <= :snap
+  AND (next_seq IS NULL OR next_seq > :snap)
+  AND last_updated > :since AND last_updated <= :until
+  AND EXISTS (
+    SELECT 1 FROM resources AS p JOIN resource_patients AS rp ON rp.seq = p.seq
+    WHERE p.key_hash = r.key_hash AND p.type = r.type AND p.id = r.id
+      AND p.version = r.version - 1
+      AND rp.patient_id IN (SELECT value FROM json_each(:patients))
+  )
+ORDER BY seq LIMIT :limit;
+
+-- name: blocks_all
+-- organizeOutputBy=Patient: (patient, resource) pairs in (patient id, seq) order, keyset
+-- pages over the resource_patients primary key.
+SELECT rp.patient_id, r.seq, r.type, r.id, r.version, r.raw
+FROM resource_patients AS rp JOIN resources AS r ON r.seq = rp.seq
+WHERE (rp.patient_id, rp.seq) > (:after_patient, :after_seq) AND rp.seq <= :snap
+  AND (r.next_seq IS NULL OR r.next_seq > :snap) AND r.deleted = 0
+  AND r.last_updated >= :since AND r.last_updated <= :until
+  AND (:any_type OR r.type IN (SELECT value FROM json_each(:types)))
+ORDER BY rp.patient_id, rp.seq LIMIT :limit;
+
+-- name: blocks_patients
+SELECT rp.patient_id, r.seq, r.type, r.id, r.version, r.raw
+FROM resource_patients AS rp JOIN resources AS r ON r.seq = rp.seq
+WHERE (rp.patient_id, rp.seq) > (:after_patient, :after_seq) AND rp.seq <= :snap
+  AND rp.patient_id IN (SELECT value FROM json_each(:patients))
+  AND (r.next_seq IS NULL OR r.next_seq > :snap) AND r.deleted = 0
+  AND r.last_updated >= :since AND r.last_updated <= :until
+  AND (:any_type OR r.type IN (SELECT value FROM json_each(:types)))
+ORDER BY rp.patient_id, rp.seq LIMIT :limit;
