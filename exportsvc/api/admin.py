@@ -15,7 +15,14 @@ from typing import Any
 from aiohttp import web
 
 from datastore.operations import Job
-from exportsvc.api.keys import DESTINATIONS, OPERATIONS, SECRETS, SETTINGS, WORKER
+from exportsvc.api.keys import (
+    DESTINATIONS,
+    OPERATIONS,
+    SECRETS,
+    SETTINGS,
+    WORKER,
+    job_id_shaped,
+)
 from exportsvc.api.outcome import outcome_response
 from exportsvc.errors import Forbidden, NotFound
 from exportsvc.records import ACTIVE_STATUSES, JobStatus
@@ -89,9 +96,9 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 async def _job(request: web.Request) -> Job:
     job_id = request.match_info["job_id"]
-    record = await request.app[OPERATIONS].get(job_id) if len(job_id) <= 64 else None
+    record = await request.app[OPERATIONS].get(job_id) if job_id_shaped(job_id) else None
     if record is None:
-        raise NotFound(f"no export job {job_id!r}")
+        raise NotFound(f"no export job {job_id[:80]!r}")
     return record
 
 
@@ -126,8 +133,11 @@ async def resume_job(request: web.Request) -> web.Response:
 async def retry_job(request: web.Request) -> web.Response:
     _require_admin(request)
     app = request.app
+    job_id = request.match_info["job_id"]
+    if not job_id_shaped(job_id):
+        raise NotFound(f"no job {job_id[:80]!r}")
     record = await retry_failed(
-        request.match_info["job_id"],
+        job_id,
         operations=app[OPERATIONS],
         secrets=app[SECRETS],
         destinations=app[DESTINATIONS],

@@ -28,7 +28,8 @@ from exportsvc.worker import Worker
 
 def create_app(settings: Settings, *, with_worker: bool = True) -> web.Application:
     app = web.Application(
-        middlewares=[outcome_middleware, auth_middleware], client_max_size=1 << 20
+        middlewares=[outcome_middleware, auth_middleware],
+        client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     setup_auth(app, settings)
