@@ -70,7 +70,7 @@ def parameters_body(body: bytes) -> list[tuple[str, str]]:
     if not isinstance(doc, dict) or doc.get("resourceType") != "Parameters":
         raise InvalidRequest("the request body must be a FHIR Parameters resource")
     pairs: list[tuple[str, str]] = []
-    if not isinstance(doc.get("parameter") or [], list):
+    if not isinstance(doc.get("parameter", []), list):
         raise InvalidRequest("Parameters.parameter must be a list")
     for index, param in enumerate(doc.get("parameter") or []):
         if not isinstance(param, dict) or not isinstance(param.get("name"), str):

@@ -24,7 +24,7 @@ from exportsvc.api.keys import (
     job_id_shaped,
 )
 from exportsvc.api.outcome import outcome_response
-from exportsvc.errors import Forbidden, NotFound
+from exportsvc.errors import Forbidden, InvalidRequest, NotFound
 from exportsvc.records import ACTIVE_STATUSES, JobStatus
 from exportsvc.submit import retry_failed
 from exportsvc.views import JobView
@@ -86,10 +86,10 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/_admin/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
     _require_admin(request)
-    try:
-        limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
-    except ValueError:
-        limit = 100
+    raw = request.query.get("limit", "100")
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 1000):
+        raise InvalidRequest(f"limit {raw[:40]!r} is not a whole number from 1 to 1000")
+    limit = int(raw)
     records = await request.app[OPERATIONS].list(limit=limit)
     return web.json_response({"jobs": [await _summary(request, r) for r in records]})
 

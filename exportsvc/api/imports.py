@@ -82,7 +82,7 @@ def parse_import_body(body: bytes, request_url: str) -> ImportRequest:
 def _from_parameters(doc: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
     fields: dict[str, Any] = {}
     inputs: list[Any] = []
-    params = doc.get("parameter") or []
+    params = doc.get("parameter", [])
     if not isinstance(params, list):
         raise InvalidRequest("Parameters.parameter must be a list")
     for param in params:

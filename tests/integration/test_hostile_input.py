@@ -303,6 +303,9 @@ NESTED = b"[" * 100_000 + b"]" * 100_000
         ),
         ("/$import", b'{"input":[{"url":' + b"[" * 1000 + b"]" * 1000 + b"}]}", "needs a url"),
         ("/$export", b'{"resourceType":"Parameters","parameter":5}', "must be a list"),
+        ("/$export", b'{"resourceType":"Parameters","parameter":0}', "must be a list"),
+        ("/Patient/$export", b'{"resourceType":"Parameters","parameter":{}}', "must be a list"),
+        ("/$import", b'{"resourceType":"Parameters","parameter":null}', "must be a list"),
         ("/$import", b'{"resourceType":"Parameters","parameter":true}', "must be a list"),
         (
             "/$import",
