@@ -9,11 +9,10 @@ import sys
 import time
 from collections.abc import Sequence
 
-from aiohttp import web
-
 from datastore.postgres import SchemaError
 from exportsvc import logs
 from exportsvc.api import create_app
+from exportsvc.api.server import serve
 from exportsvc.auth.app import AuthConfigError
 from exportsvc.import_client import run_import
 from exportsvc.records import ExportJobRecord, ImportBatchRecord, ImportJobRecord
@@ -27,15 +26,14 @@ from exportsvc.views import JobView
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     app = create_app(settings, with_worker=not args.no_worker)
-    web.run_app(
-        app,
-        host=args.host,
-        port=args.port,
-        print=lambda _msg: print(
-            f"exportsvc serving on http://{args.host}:{args.port}", flush=True
-        ),
-        access_log=None,
-        shutdown_timeout=settings.drain_grace_seconds,
+    asyncio.run(
+        serve(
+            app,
+            settings,
+            args.host,
+            args.port,
+            ready=lambda: print(f"exportsvc serving on http://{args.host}:{args.port}", flush=True),
+        )
     )
     return 0
 
@@ -87,6 +85,7 @@ async def _validate(args: argparse.Namespace, settings: Settings) -> int:
                     sources,
                     lambda b, name: runtime.destinations.for_job(b.id, None).read(name),
                     max_line_bytes=settings.import_max_line_bytes,
+                    max_depth=settings.import_max_depth,
                 )
             finally:
                 await sources.close()

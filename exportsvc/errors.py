@@ -40,6 +40,12 @@ class NotSupported(InvalidRequest):
     code = "not-supported"
 
 
+class LimitExceeded(InvalidRequest):
+    """The request asks for more than this server accepts at once."""
+
+    code = "too-long"
+
+
 class Unauthorized(ExportSvcError):
     """This request needs a valid access token: Authorization: Bearer <token>."""
 

@@ -96,7 +96,9 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
             return f"the line is longer than {self.settings.import_max_line_bytes} bytes"
         if not line.data.strip():
             return None  # blank lines are allowed and skipped
-        resource = parse_resource(line.data, self.record.input.type)
+        resource = parse_resource(
+            line.data, self.record.input.type, max_depth=self.settings.import_max_depth
+        )
         if isinstance(resource, str):
             return resource
         self._pending.append(resource)

@@ -82,7 +82,14 @@ async def owned_lines(
         yield Line(pos, bytes(buf), pos + len(buf))
 
 
-def parse_resource(data: bytes, expected_type: str | None) -> dict[str, Any] | str:
+MAX_DEPTH = 100
+"""Default ``EXPORTSVC_IMPORT_MAX_DEPTH``. orjson reads 1024 levels but writes only 254:
+a deeper resource would be accepted here and then fail the batch when it is stored."""
+
+
+def parse_resource(
+    data: bytes, expected_type: str | None, *, max_depth: int = MAX_DEPTH
+) -> dict[str, Any] | str:
     """The resource on a line, or the reason it is refused."""
     try:
         resource = orjson.loads(data)
@@ -90,6 +97,9 @@ def parse_resource(data: bytes, expected_type: str | None) -> dict[str, Any] | s
         return f"not valid JSON ({str(exc).split(':', 1)[0]})"
     if not isinstance(resource, dict):
         return "not a JSON object"
+    # Cheap test first: a line with few brackets cannot nest deeply.
+    if data.count(b"{") + data.count(b"[") > max_depth and _deeper_than(resource, max_depth):
+        return f"nested more than {max_depth} levels deep"
     type_ = resource.get("resourceType")
     if not isinstance(type_, str) or type_ not in RESOURCE_TYPES:
         return f"unknown resourceType {str(type_)[:64]!r}"
@@ -99,3 +109,16 @@ def parse_resource(data: bytes, expected_type: str | None) -> dict[str, Any] | s
     if not isinstance(id_, str) or not FHIR_ID.fullmatch(id_):
         return f"missing or invalid id {str(id_)[:80]!r}" if id_ is not None else "missing id"
     return resource
+
+
+def _deeper_than(value: dict[str, Any], limit: int) -> bool:
+    """Whether objects and arrays nest more than ``limit`` levels (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                stack.append((child, depth + 1))
+    return False

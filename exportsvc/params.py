@@ -27,10 +27,10 @@ from exportsvc.search.parse import (
     split_type_filters,
 )
 
-FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+FHIR_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}\Z")  # \Z: "$" would let a final "\n" in
 # Azure container names: 3-63 of a-z 0-9 -, starting and ending with a letter or digit,
 # no two hyphens in a row.
-CONTAINER = re.compile(r"^(?=.{3,63}$)[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]$")
+CONTAINER = re.compile(r"^(?=.{3,63}\Z)[a-z0-9](?:[a-z0-9]|-(?!-))*[a-z0-9]\Z")
 OUTPUT_FORMATS = {"application/fhir+ndjson", "application/ndjson", "ndjson"}
 ACCEPTABLE = {"application/fhir+json", "application/json", "application/json+fhir", "*/*"}
 # Bulk Data parameters we know but do not implement (none today; see the README).
@@ -93,6 +93,8 @@ def parameters_body(body: bytes) -> list[tuple[str, str]]:
     if not isinstance(doc, dict) or doc.get("resourceType") != "Parameters":
         raise InvalidRequest("the request body must be a FHIR Parameters resource")
     pairs: list[tuple[str, str]] = []
+    if not isinstance(doc.get("parameter", []), list):
+        raise InvalidRequest("Parameters.parameter must be a list")
     for index, param in enumerate(doc.get("parameter") or []):
         if not isinstance(param, dict) or not isinstance(param.get("name"), str):
             raise InvalidRequest(f"Parameters.parameter[{index}] has no name")

@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from exportsvc.auth.clients import ClientRegistration
+from exportsvc.ndjson_input import MAX_DEPTH
 
 
 class Settings(BaseSettings):
@@ -46,6 +47,18 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None
     """Bearer token for ``/_admin``; when unset, only loopback clients may use it."""
 
+    # limits on what a request may be (README: "Hostile input and limits")
+    max_url_bytes: int = Field(default=8190, ge=1024, le=65536)
+    """The longest request URL; longer: ``414``."""
+    max_header_bytes: int = Field(default=8190, ge=1024, le=65536)
+    """The longest header line; longer: ``431``."""
+    max_headers: int = Field(default=100, ge=16, le=1024)
+    """The most headers one request may have; more: ``431``."""
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    """The largest request body (Parameters, import manifest, token form); larger: ``413``."""
+    max_parameters: int = Field(default=500, ge=10)
+    """The most kick-off parameters (query or Parameters entries); more: ``400``."""
+
     # authorization (exportsvc.auth)
     auth: Literal["smart", "external", "off"] = "smart"
     """``smart``: SMART Backend Services, tokens from ``POST /auth/token``; ``external``:
@@ -71,9 +84,16 @@ class Settings(BaseSettings):
     """``file://`` inputs must lie inside this folder; unset: no file inputs."""
     import_allowed_hosts: list[str] = Field(default_factory=list)
     """http(s) inputs only from these hosts (``host`` or ``host:port``), JSON list."""
+    import_allowed_networks: list[str] = Field(default_factory=list)
+    """Non-public networks (CIDR, JSON list) http(s) inputs may be read from; public
+    addresses are always allowed, link-local/unspecified/multicast never (``outbound``)."""
     import_batch_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Each input is split into batches (work items) of this many bytes."""
     import_max_line_bytes: int = Field(default=4 * 1024 * 1024, ge=256)
+    import_max_depth: int = Field(default=MAX_DEPTH, ge=8, le=200)
+    """Input lines nested deeper (objects and arrays) are refused (reported), not stored."""
+    import_max_inputs: int = Field(default=1000, ge=1)
+    """The most inputs one ``$import`` may name; more: ``400``."""
     import_lines_per_commit: int = Field(default=2000, ge=1)
 
     # export loop

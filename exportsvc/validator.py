@@ -29,7 +29,7 @@ from exportsvc.fhir.group import member_ids
 from exportsvc.fhir.provenance import PROVENANCE_VALUES, RELEVANT, recency, targets
 from exportsvc.filtercheck import expected_subset
 from exportsvc.filtercheck import selected as passes
-from exportsvc.ndjson_input import owned_lines, parse_resource
+from exportsvc.ndjson_input import MAX_DEPTH, owned_lines, parse_resource
 from exportsvc.records import (
     ExportJobRecord,
     ExportKind,
@@ -453,6 +453,7 @@ async def validate_import(
     read_file: Callable[[ImportBatchRecord, str], AsyncIterator[bytes]],
     *,
     max_line_bytes: int,
+    max_depth: int = MAX_DEPTH,
 ) -> ValidationReport:
     """Re-read every input: each valid line's resource (the last line of an id wins) must
     be the store's current version, apart from meta; each refused line must be reported
@@ -480,7 +481,11 @@ async def validate_import(
             number += 1
             if line.data is not None and not line.data.strip():
                 continue
-            parsed = parse_resource(line.data, item.type) if line.data is not None else "long"
+            parsed = (
+                parse_resource(line.data, item.type, max_depth=max_depth)
+                if line.data is not None
+                else "long"
+            )
             if isinstance(parsed, str):
                 refused.add((url, number))
             else:

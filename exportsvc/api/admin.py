@@ -15,9 +15,16 @@ from typing import Any
 from aiohttp import web
 
 from datastore.operations import Job
-from exportsvc.api.keys import DESTINATIONS, OPERATIONS, SECRETS, SETTINGS, WORKER
+from exportsvc.api.keys import (
+    DESTINATIONS,
+    OPERATIONS,
+    SECRETS,
+    SETTINGS,
+    WORKER,
+    job_id_shaped,
+)
 from exportsvc.api.outcome import outcome_response
-from exportsvc.errors import Forbidden, NotFound
+from exportsvc.errors import Forbidden, InvalidRequest, NotFound
 from exportsvc.records import ACTIVE_STATUSES, JobStatus
 from exportsvc.submit import retry_failed
 from exportsvc.views import JobView
@@ -79,19 +86,19 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/_admin/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
     _require_admin(request)
-    try:
-        limit = min(max(int(request.query.get("limit", "100")), 1), 1000)
-    except ValueError:
-        limit = 100
+    raw = request.query.get("limit", "100")
+    if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 1000):
+        raise InvalidRequest(f"limit {raw[:40]!r} is not a whole number from 1 to 1000")
+    limit = int(raw)
     records = await request.app[OPERATIONS].list(limit=limit)
     return web.json_response({"jobs": [await _summary(request, r) for r in records]})
 
 
 async def _job(request: web.Request) -> Job:
     job_id = request.match_info["job_id"]
-    record = await request.app[OPERATIONS].get(job_id) if len(job_id) <= 64 else None
+    record = await request.app[OPERATIONS].get(job_id) if job_id_shaped(job_id) else None
     if record is None:
-        raise NotFound(f"no export job {job_id!r}")
+        raise NotFound(f"no export job {job_id[:80]!r}")
     return record
 
 
@@ -126,8 +133,11 @@ async def resume_job(request: web.Request) -> web.Response:
 async def retry_job(request: web.Request) -> web.Response:
     _require_admin(request)
     app = request.app
+    job_id = request.match_info["job_id"]
+    if not job_id_shaped(job_id):
+        raise NotFound(f"no job {job_id[:80]!r}")
     record = await retry_failed(
-        request.match_info["job_id"],
+        job_id,
         operations=app[OPERATIONS],
         secrets=app[SECRETS],
         destinations=app[DESTINATIONS],

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from exportsvc.api import admin, export, imports, metadata
+from exportsvc.api import admin, export, imports, metadata, openapi
 from exportsvc.api.keys import (
     DESTINATIONS,
     OPERATIONS,
@@ -28,7 +28,8 @@ from exportsvc.worker import Worker
 
 def create_app(settings: Settings, *, with_worker: bool = True) -> web.Application:
     app = web.Application(
-        middlewares=[outcome_middleware, auth_middleware], client_max_size=1 << 20
+        middlewares=[outcome_middleware, auth_middleware],
+        client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     setup_auth(app, settings)
@@ -36,6 +37,7 @@ def create_app(settings: Settings, *, with_worker: bool = True) -> web.Applicati
     app.add_routes(metadata.routes)
     app.add_routes(admin.routes)
     app.add_routes(imports.routes)
+    app.add_routes(openapi.routes)
     app.cleanup_ctx.append(_runtime)
     if with_worker:
         app.cleanup_ctx.append(_worker)

@@ -24,7 +24,7 @@ from exportsvc.api.keys import (
 )
 from exportsvc.api.outcome import outcome_response
 from exportsvc.auth.middleware import check_export_types
-from exportsvc.errors import NotFound
+from exportsvc.errors import LimitExceeded, NotFound
 from exportsvc.manifest import available_files, manifest, page_files, page_ready_at
 from exportsvc.params import parameters_body, parse_export_request
 from exportsvc.records import (
@@ -53,6 +53,11 @@ async def _kickoff(
         pairs = parameters_body(await request.read())
     else:
         pairs = list(request.query.items())
+    limit = request.app[SETTINGS].max_parameters
+    if len(pairs) > limit:
+        raise LimitExceeded(
+            f"{len(pairs)} parameters: at most {limit} per kick-off (EXPORTSVC_MAX_PARAMETERS)"
+        )
     export = parse_export_request(
         kind,
         pairs,

@@ -30,7 +30,7 @@ from exportsvc.api.keys import (
 )
 from exportsvc.api.outcome import outcome_response
 from exportsvc.auth.middleware import check_import_types
-from exportsvc.errors import Conflict, InvalidRequest
+from exportsvc.errors import Conflict, InvalidRequest, LimitExceeded
 from exportsvc.fhir.compartment import RESOURCE_TYPES
 from exportsvc.params import parse_prefer
 from exportsvc.records import (
@@ -64,7 +64,7 @@ def parse_import_body(body: bytes, request_url: str) -> ImportRequest:
     else:
         raise InvalidRequest("the request body must be a Parameters resource or a manifest")
     fmt = fields.get("inputFormat", "application/fhir+ndjson")
-    if fmt not in NDJSON_FORMATS:
+    if not isinstance(fmt, str) or fmt not in NDJSON_FORMATS:
         raise InvalidRequest(f"inputFormat {str(fmt)[:80]!r} is not supported; use ndjson")
     try:
         mode = ImportMode(fields.get("mode", ImportMode.INCREMENTAL.value))
@@ -82,18 +82,20 @@ def parse_import_body(body: bytes, request_url: str) -> ImportRequest:
 def _from_parameters(doc: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
     fields: dict[str, Any] = {}
     inputs: list[Any] = []
-    for param in doc.get("parameter") or []:
+    params = doc.get("parameter", [])
+    if not isinstance(params, list):
+        raise InvalidRequest("Parameters.parameter must be a list")
+    for param in params:
         if not isinstance(param, dict):
             raise InvalidRequest("Parameters.parameter must hold objects")
         name = param.get("name")
         if name == "input":
+            parts = param.get("part") or []
             inputs.append(
                 {
-                    part.get("name"): next(
-                        (v for k, v in part.items() if k.startswith("value")), None
-                    )
-                    for part in param.get("part") or []
-                    if isinstance(part, dict)
+                    part["name"]: next((v for k, v in part.items() if k.startswith("value")), None)
+                    for part in (parts if isinstance(parts, list) else [])
+                    if isinstance(part, dict) and isinstance(part.get("name"), str)
                 }
             )
         elif name in ("inputFormat", "mode", "inputSource"):
@@ -122,6 +124,11 @@ async def kickoff(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     wanted = parse_import_body(await request.read(), str(request.url))
+    if len(wanted.inputs) > settings.import_max_inputs:
+        raise LimitExceeded(
+            f"{len(wanted.inputs)} inputs: at most {settings.import_max_inputs} per $import "
+            "(EXPORTSVC_IMPORT_MAX_INPUTS)"
+        )
     check_import_types(request, [item.type for item in wanted.inputs])
     for n, item in enumerate(wanted.inputs):
         info = await app[SOURCES].stat(item.url)

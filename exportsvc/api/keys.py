@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TypeVar
 
 from aiohttp import web
@@ -18,6 +19,7 @@ from exportsvc.sources import SourceReader
 from exportsvc.worker import Worker
 
 R = TypeVar("R", bound=JobRecord)
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SETTINGS = web.AppKey("settings", Settings)
 OPERATIONS = web.AppKey("operations", OperationDataStore)
 RESOURCES = web.AppKey("resources", ResourceStore)
@@ -39,13 +41,19 @@ def base_url(request: web.Request) -> str:
     return f"{request.scheme}://{request.host}"
 
 
+def job_id_shaped(job_id: str) -> bool:
+    """Whether ``job_id`` could name a job (ids are 32 hex digits; this allows more):
+    anything else is not looked up at all (a NUL byte, say, fails in PostgreSQL)."""
+    return JOB_ID.fullmatch(job_id) is not None
+
+
 async def visible_job(request: web.Request, kind: type[R]) -> R:
     """The job (or work item) named by ``{job_id}`` in the URL, of ``kind``, if this
     client may see it: else 404, so no other client's job is ever confirmed to exist."""
     job_id = request.match_info["job_id"]
-    record = await request.app[OPERATIONS].get(job_id) if len(job_id) <= 64 else None
+    record = await request.app[OPERATIONS].get(job_id) if job_id_shaped(job_id) else None
     if not isinstance(record, kind) or record.client != client_of(request) or not record.visible:
-        raise NotFound(f"no {kind.__name__.removesuffix('Record')} {job_id!r}")
+        raise NotFound(f"no {kind.__name__.removesuffix('Record')} {job_id[:80]!r}")
     return record
 
 

@@ -56,8 +56,11 @@ async def outcome_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:
             raise
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
+        message = exc.reason
+        if isinstance(exc, web.HTTPRequestEntityTooLarge):  # names the limit and the size
+            message = f"the request body is too large: {exc.text} (EXPORTSVC_MAX_BODY_BYTES)"
         return outcome_response(
-            exc.status, exc.reason, code=_HTTP_CODES.get(exc.status, "invalid"), headers=headers
+            exc.status, message, code=_HTTP_CODES.get(exc.status, "invalid"), headers=headers
         )
     except Exception:
         log.exception("http.unhandled", extra={"path": request.path})

@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 AuthMode = Literal["off", "smart", "external"]
 TOKEN_PATH = "/auth/token"
 SMART_CONFIGURATION_PATH = "/.well-known/smart-configuration"
-PUBLIC_PATHS = frozenset({"/metadata", SMART_CONFIGURATION_PATH, TOKEN_PATH, "/_admin/health"})
+PUBLIC_PATHS = frozenset(
+    {"/metadata", "/openapi.json", SMART_CONFIGURATION_PATH, TOKEN_PATH, "/_admin/health"}
+)
 ADMIN_PREFIX = "/_admin/"
 """``/_admin`` has its own gate (``EXPORTSVC_ADMIN_TOKEN`` in the same header, or loopback)."""
 INVALID_TOKEN = 'Bearer error="invalid_token"'
