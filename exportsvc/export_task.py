@@ -207,6 +207,11 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
             item = self._item("Provenance", None, bounds[0] - 1, bounds[1], content="provenance")
             item.total_estimate = every  # at most: those associated are known at the end
             items.append(item)
+        if not request.partial_manifests:
+            # Largest first: workers lease items in plan order, and the export ends when
+            # its last item does, so the long ones must not wait behind the short ones.
+            # (Partial manifests keep the order above: their first page comes sooner.)
+            items.sort(key=lambda item: -item.total_estimate)
         for n, item in enumerate(items):  # distinct, increasing: leased in plan order
             item.created_at = record.created_at + timedelta(microseconds=n + 1)
         return items

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,19 @@ from exportsvc.records import utcnow
 
 Q = queries("resources.sql")
 OPS = queries("operations.sql")
+
+
+IDS_CLAUSE = "\n  AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))"
+
+
+@cache
+def _without_ids(name: str) -> str:
+    """Query ``name`` without its ``_id`` condition. Reading no ``id`` column, a count is
+    answered from the ``(type, seq, next_seq, deleted, last_updated)`` index alone."""
+    sql = Q[name]
+    if IDS_CLAUSE not in sql:
+        raise RuntimeError(f"query {name} has no _id condition to leave out")
+    return sql.replace(IDS_CLAUSE, "")
 
 
 def _filter_params(query: ExportQuery) -> tuple[str, dict[str, Any]]:
@@ -132,7 +145,8 @@ class SqliteResourceStore(ResourceStore):
 
     async def count(self, query: ExportQuery) -> int:
         variant, params = _filter_params(query)
-        sql = Q[f"count_{variant}"]
+        name = f"count_{variant}"
+        sql = Q[name] if query.ids is not None else _without_ids(name)
         return await self.db.run(lambda c: int(c.execute(sql, params).fetchone()[0]))
 
     async def deletions(self, query: ExportQuery, after_seq: int, limit: int) -> DeletionPage:

@@ -32,10 +32,23 @@ WHERE key_hash = :key AND type = :type AND id = :id AND seq <= :as_of
   AND (next_seq IS NULL OR next_seq > :as_of) AND deleted = 0;
 
 -- name: seq_bounds
-SELECT min(seq), max(seq) FROM resources WHERE type = :type AND seq <= :as_of;
+-- Two subqueries: SQLite answers a lone min() or max() from the index in one step, but
+-- scans the whole range for both in one SELECT.
+SELECT (SELECT min(seq) FROM resources WHERE type = :type AND seq <= :as_of),
+       (SELECT max(seq) FROM resources WHERE type = :type AND seq <= :as_of);
 
 -- name: types
-SELECT DISTINCT type FROM resources WHERE seq <= :as_of ORDER BY type;
+-- A skip scan over the (type, seq, ...) index: one step per type, not per resource.
+WITH RECURSIVE t(type) AS (
+    SELECT min(type) FROM resources
+    UNION ALL
+    SELECT (SELECT min(r.type) FROM resources AS r WHERE r.type > t.type) FROM t
+    WHERE t.type IS NOT NULL
+)
+SELECT type FROM t
+WHERE type IS NOT NULL
+  AND (SELECT min(r.seq) FROM resources AS r WHERE r.type = t.type) <= :as_of
+ORDER BY type;
 
 -- name: page_all
 SELECT seq, raw FROM resources
