@@ -109,9 +109,9 @@ class FilesystemDestination(ExportDestinationClient):
             await self._flush(entry)
 
     async def _flush(self, entry: _OpenFile) -> None:
-        if entry.pending:
-            data, entry.pending, entry.pending_bytes = b"".join(entry.pending), [], 0
-            await asyncio.to_thread(entry.handle.write, data)
+        if entry.pending:  # written as they are: no copy into one buffer first
+            chunks, entry.pending, entry.pending_bytes = entry.pending, [], 0
+            await asyncio.to_thread(entry.handle.writelines, chunks)
 
     async def _commit(self, files: Sequence[OutputFile]) -> list[OutputFile]:
         committed = []
