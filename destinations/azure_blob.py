@@ -3,6 +3,9 @@
 Writes are buffered per file and staged as blocks of ``block_bytes``; ``commit`` stages
 the rest and commits the blob's block list (the committed ids plus the new ones). The
 committed state of a file is its block list, its byte length and the ETag of that commit.
+Up to ``uploads`` blocks of a file upload at a time while the writer goes on (the export
+reads its next pages meanwhile); a commit first waits for all of them, and a failed
+upload fails the next write or commit.
 
 Fencing. Staging a block is never conditional in Azure, so only the commit can fence:
 
@@ -29,6 +32,7 @@ Blobs under the job's prefix that the record does not list are deleted.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Sequence
@@ -76,6 +80,17 @@ class _File:
     staged_bytes: int = 0
     buffer: list[bytes] = field(default_factory=list)
     buffered: int = 0
+    uploads: list[_Upload] = field(default_factory=list)
+    """Blocks staging now or to be staged again, oldest first (their ids are already in
+    ``staged``)."""
+
+
+@dataclass
+class _Upload:
+    block_id: str
+    data: bytes
+    task: asyncio.Future[Any] | None = None
+    """The Put Block request; None after it failed (the next wait sends it again)."""
 
 
 class AzureBlobDestination(ExportDestinationClient):
@@ -88,6 +103,7 @@ class AzureBlobDestination(ExportDestinationClient):
         container: str,
         *,
         block_bytes: int = 4 << 20,
+        uploads: int = 2,
         scope: str | None = None,
     ) -> None:
         super().__init__(job_id, scope)
@@ -97,6 +113,7 @@ class AzureBlobDestination(ExportDestinationClient):
         self.container = service.get_container_client(container)
         self.prefix = f"{job_id}/"
         self.block_bytes = block_bytes
+        self.uploads = max(uploads, 1)
         self.session = secrets.token_hex(4)
         self._files: dict[str, _File] = {}
 
@@ -174,14 +191,47 @@ class AzureBlobDestination(ExportDestinationClient):
             await self._stage(blob, entry)
 
     async def _stage(self, blob: BlobClient, entry: _File) -> None:
+        """Start uploading the buffer as the file's next block; wait while ``uploads``
+        blocks are already on their way."""
         if not entry.buffer:
             return
         data = b"".join(entry.buffer)
         new_id = block_id(self.session, len(entry.committed) + len(entry.staged))
-        await blob.stage_block(new_id, data, length=len(data))
-        entry.staged.append(new_id)
+        entry.staged.append(new_id)  # its place in the block list, whenever it lands
         entry.staged_bytes += len(data)
         entry.buffer, entry.buffered = [], 0
+        entry.uploads.append(_Upload(new_id, data))
+        await self._uploaded(blob, entry, self.uploads)
+
+    async def _uploaded(self, blob: BlobClient, entry: _File, at_most: int) -> None:
+        """Send the oldest blocks (``self.uploads`` at a time) and wait until at most
+        ``at_most`` are still on their way. A failed upload raises here, after the others
+        in flight have ended, and every failed one stays listed to be sent again: a commit
+        retried after an outage commits every block it lists."""
+        while True:
+            for upload in entry.uploads[: self.uploads]:
+                if upload.task is None:
+                    data = upload.data
+                    request = blob.stage_block(upload.block_id, data, length=len(data))
+                    upload.task = asyncio.ensure_future(request)
+            if len(entry.uploads) <= at_most:
+                return
+            head = entry.uploads[0]
+            assert head.task is not None
+            try:
+                await head.task
+            except asyncio.CancelledError:
+                head.task = None
+                raise
+            except Exception:
+                others = [u.task for u in entry.uploads if u.task is not None]
+                await asyncio.gather(*others, return_exceptions=True)
+                for upload in entry.uploads:
+                    task = upload.task
+                    if task is not None and (task.cancelled() or task.exception()):
+                        upload.task = None
+                raise
+            entry.uploads.pop(0)
 
     async def _commit(self, files: Sequence[OutputFile]) -> list[OutputFile]:
         committed = []
@@ -192,6 +242,7 @@ class AzureBlobDestination(ExportDestinationClient):
                 continue
             blob = self._blob(f.name)
             await self._stage(blob, entry)
+            await self._uploaded(blob, entry, 0)
             if entry.staged or entry.etag is None:
                 ids = entry.committed + entry.staged
                 entry.etag = await self._put_block_list(blob, ids, entry.etag)
@@ -226,7 +277,7 @@ class AzureBlobDestination(ExportDestinationClient):
         await self._delete_unlisted(keep)
 
     async def _delete_all(self) -> None:
-        self._files.clear()
+        await self._drop_files()
         await self._delete_unlisted(set())
 
     async def _delete_unlisted(self, keep: set[str]) -> None:
@@ -242,8 +293,19 @@ class AzureBlobDestination(ExportDestinationClient):
                 await self.container.delete_blob(name, delete_snapshots="include")
 
     async def close(self) -> None:
-        """Drop uncommitted buffers; the service client stays open (the caller owns it)."""
-        self._files.clear()
+        """Drop uncommitted buffers and uploads; the service client stays open (the
+        caller owns it)."""
+        await self._drop_files()
+
+    async def _drop_files(self) -> None:
+        """Forget every file, after stopping its uploads."""
+        files, self._files = list(self._files.values()), {}
+        tasks = [u.task for entry in files for u in entry.uploads if u.task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     # -- reading ----------------------------------------------------------------------
 

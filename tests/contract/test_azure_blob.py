@@ -333,6 +333,48 @@ async def test_an_outage_is_retriable_and_commit_resumes(persistent_azurite: Azu
         await client.close()
 
 
+async def test_blocks_uploading_together_keep_their_order(
+    service: BlobServiceClient, container: str
+) -> None:
+    client = AzureBlobDestination("job1", service, container, block_bytes=64, uploads=4)
+    await client.connect()
+    f = new_file()
+    await client.start_file(f)
+    lines = [b"%05d %s\n" % (n, b"x" * (n % 97)) for n in range(400)]
+    for line in lines:  # about 300 blocks, up to four staging at a time
+        await client.write(f.name, line)
+    (f,) = await client.commit([f])
+    assert await content(client, f.name) == b"".join(lines)
+    assert len(f.committed_blocks) > 100
+    await client.close()
+
+
+async def test_an_outage_with_blocks_in_flight_loses_none(persistent_azurite: Azurite) -> None:
+    server = persistent_azurite
+    async with BlobServiceClient.from_connection_string(
+        server.connection_string, retry_total=0
+    ) as service:
+        client = AzureBlobDestination("job1", service, "inflight", block_bytes=16, uploads=3)
+        await client.connect()
+        f = new_file()
+        await client.start_file(f)
+        await client.write(f.name, b"before the outage\n")
+        (f,) = await client.commit([f])
+        await server.astop()
+        written = [b"line %d during the outage\n" % n for n in range(6)]
+        with pytest.raises(DestinationError) as caught:
+            for line in written:  # blocks are staged, and fail, while writing goes on
+                await client.write(f.name, line)
+            await client.commit([f])
+        assert caught.value.retriable
+        await server.astart()
+        for line in written[written.index(line) + 1 :]:  # what the failure interrupted
+            await client.write(f.name, line)
+        (f,) = await client.commit([f])
+        assert await content(client, f.name) == b"before the outage\n" + b"".join(written)
+        await client.close()
+
+
 def _http_error(status: int, cls: type[HttpResponseError] = HttpResponseError) -> Exception:
     error = cls(message="https://acct.blob.core.windows.net/c/b?sig=SECRET")
     error.status_code = status
