@@ -93,7 +93,7 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
 MB = 1_000_000
 ROOT = Path(__file__).resolve().parent.parent
 EXPORT_HEADERS = {"Prefer": "respond-async", "Accept": "application/fhir+json"}
-POLL_CAP_SECONDS = 0.2
+POLL_CAP_SECONDS = 0.05
 
 
 def http_json(
