@@ -132,3 +132,10 @@ class OperationDataStore(abc.ABC):
 
     @abc.abstractmethod
     async def delete_secret(self, name: str) -> None: ...
+
+    # -- claims: one-time keys every process sees (client assertions' jti) --------------
+
+    @abc.abstractmethod
+    async def claim(self, key: str, expires_at: datetime, now: datetime) -> bool:
+        """True the first time ``key`` is claimed; False while an earlier claim of it is
+        alive (``expires_at`` still after ``now``), whichever process made it."""

@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     """smart: HS256 key (32+ characters) signing access tokens; unset: random per process."""
     auth_token_seconds: int = Field(default=300, ge=60, le=300)
     auth_replay_cache_size: int = Field(default=100_000, ge=100)
-    """smart: assertion ``jti`` values remembered at once (per process)."""
+    """smart: assertion ``jti`` values remembered at once by a process until its stores are
+    open; then they are claimed in the operation data store, shared by every process."""
     auth_issuer: str | None = None
     """external: the tokens' ``iss``."""
     auth_audience: list[str] = Field(default_factory=list)

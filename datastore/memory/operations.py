@@ -21,6 +21,7 @@ class MemoryOperationDataStore(OperationDataStore):
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         self.secrets: dict[str, bytes] = {}
+        self.claims: dict[str, datetime] = {}
 
     def _copy(self, record: R) -> R:
         return record.model_copy(deep=True)
@@ -167,3 +168,10 @@ class MemoryOperationDataStore(OperationDataStore):
 
     async def delete_secret(self, name: str) -> None:
         self.secrets.pop(name, None)
+
+    async def claim(self, key: str, expires_at: datetime, now: datetime) -> bool:
+        self.claims = {k: e for k, e in self.claims.items() if e > now}
+        if key in self.claims:
+            return False
+        self.claims[key] = expires_at
+        return True

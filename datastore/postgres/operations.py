@@ -224,6 +224,10 @@ class PostgresOperationDataStore(OperationDataStore):
         async with self.db.connection() as conn:
             await conn.execute(Q["delete_secret"], name)
 
+    async def claim(self, key: str, expires_at: datetime, now: datetime) -> bool:
+        async with self.db.connection() as conn:
+            return await conn.fetchval(Q["claim"], key, expires_at, now) is not None
+
 
 def _job(row: asyncpg.Record) -> Job:
     return record_from_row(tuple(row))

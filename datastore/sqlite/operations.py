@@ -142,3 +142,12 @@ class SqliteOperationDataStore(OperationDataStore):
 
     async def delete_secret(self, name: str) -> None:
         await self.db.run(lambda c: c.execute(Q["delete_secret"], {"name": name}))
+
+    async def claim(self, key: str, expires_at: datetime, now: datetime) -> bool:
+        params = {"key": key, "expires_at": epoch(expires_at), "now": epoch(now)}
+
+        def claim(conn: sqlite3.Connection) -> bool:
+            conn.execute(Q["purge_claims"], params)
+            return bool(conn.execute(Q["claim"], params).rowcount == 1)
+
+        return await self.db.run(lambda c: transaction(c, claim))

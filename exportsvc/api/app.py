@@ -19,7 +19,8 @@ from exportsvc.api.keys import (
 )
 from exportsvc.api.outcome import outcome_middleware
 from exportsvc.auth.app import setup_auth
-from exportsvc.auth.middleware import auth_middleware
+from exportsvc.auth.middleware import AUTH, auth_middleware
+from exportsvc.auth.replay import StoreReplayCache
 from exportsvc.runtime import open_runtime
 from exportsvc.settings import Settings
 from exportsvc.sources import SourceReader
@@ -52,6 +53,9 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         app[DESTINATIONS] = runtime.destinations
         app[WORKER] = runtime.worker()
         app[SOURCES] = SourceReader(runtime.settings, runtime.destinations)
+        assertions = app[AUTH].assertions
+        if assertions is not None:  # a jti used at any API process is used at all of them
+            assertions.replay = StoreReplayCache(runtime.operations)
         try:
             yield
         finally:

@@ -9,6 +9,7 @@ come from: a ``jku`` header must equal the client's registered (allowlisted) ``j
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -37,7 +38,9 @@ class ClientAssertions:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.clients = {c.client_id: c for c in clients}
-        self._fetcher, self._replay, self._clock = fetcher, replay, clock
+        self._fetcher, self._clock = fetcher, clock
+        self.replay = replay
+        """Where used jti values are claimed (the service swaps in the store's once open)."""
 
     async def authenticate(self, assertion: str, token_url: str) -> ClientRegistration:
         """The client that signed ``assertion`` for ``token_url``, or :class:`Unauthorized`.
@@ -96,5 +99,8 @@ class ClientAssertions:
             raise Unauthorized("the assertion's exp is more than five minutes ahead")
         if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_CHARS:
             raise Unauthorized("the assertion's jti is malformed")
-        if not await self._replay.claim(f"{client.client_id}\x00{jti}", exp + CLOCK_SKEW_SECONDS):
+        # The key is a digest: any client id and jti make a fixed-length key without NUL
+        # (which a PostgreSQL text column refuses).
+        key = hashlib.sha256(f"{client.client_id}\x00{jti}".encode()).hexdigest()
+        if not await self.replay.claim(key, exp + CLOCK_SKEW_SECONDS):
             raise Unauthorized("the assertion's jti was already used")

@@ -1,8 +1,9 @@
 """The ``jti`` replay cache: a client assertion is accepted once within its lifetime.
 
-:class:`MemoryReplayCache` is per process. Several API processes behind one token URL need
-one shared cache (a table with a unique key and an expiry, or Redis ``SET NX EX``):
-implement :class:`ReplayCache` on it, or an assertion replayed to another process passes.
+:class:`StoreReplayCache` keeps the claims in the operation data store, so that every API
+process on the same store (SQLite file or PostgreSQL) refuses an assertion any of them has
+accepted: the service uses it once its stores are open. :class:`MemoryReplayCache` is per
+process (the token endpoint's cache until then, and the unit tests').
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import heapq
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from datetime import UTC, datetime
 
+from datastore.operations import OperationDataStore
 from exportsvc.errors import ExportSvcError
 
 
@@ -62,3 +65,17 @@ class MemoryReplayCache(ReplayCache):
             _, key = heapq.heappop(self._heap)
             if self._expiry.get(key, now + 1) <= now:
                 del self._expiry[key]
+
+
+class StoreReplayCache(ReplayCache):
+    """Claims in the operation data store: shared by every process that uses it."""
+
+    def __init__(
+        self, operations: OperationDataStore, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.operations = operations
+        self._clock = clock
+
+    async def _claim(self, key: str, expires_at: float) -> bool:
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        return await self.operations.claim(key, datetime.fromtimestamp(expires_at, UTC), now)

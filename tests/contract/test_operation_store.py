@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -191,3 +191,16 @@ async def test_a_checkpoint_keeps_the_renewed_lease(operations: OperationDataSto
     assert await operations.acquire("thief", 10, start + timedelta(seconds=12)) is None
     taken = await operations.acquire("next", 10, start + timedelta(seconds=19))
     assert taken is not None and taken.restart_count == 1
+
+
+async def test_a_key_is_claimed_once_until_its_claim_expires(
+    operations: OperationDataStore,
+) -> None:
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    later = now + timedelta(minutes=5)
+    assert await operations.claim("client-1 jti-1", later, now)
+    assert not await operations.claim("client-1 jti-1", later, now + timedelta(minutes=4))
+    assert await operations.claim("client-2 jti-1", later, now)  # another key
+    # Once expired, the claim is gone (purged) and the key may be claimed again.
+    assert await operations.claim("client-1 jti-1", later + timedelta(minutes=5), later)
+    assert not await operations.claim("client-1 jti-1", later, later)

@@ -424,6 +424,27 @@ async def test_replayed_assertion_over_http(smart: Service, keys: dict[str, Key]
     assert "already used" in body["error_description"]
 
 
+async def test_an_assertion_used_at_one_api_process_is_refused_at_another(
+    smart_settings: Settings, keys: dict[str, Key]
+) -> None:
+    """Two API processes on one store behind one base URL (a load balancer): the jti
+    claim is in the store, so a replay to the other process fails too."""
+    shared = smart_settings.model_copy(update={"base_url": "http://exportsvc.test"})
+    async with serve(shared) as first, serve(shared) as second:
+        form = {
+            "grant_type": "client_credentials",
+            "client_assertion_type": JWT_BEARER,
+            "client_assertion": assertion(
+                keys["client-1"], "client-1", "http://exportsvc.test/auth/token"
+            ),
+            "scope": "system/*.read",
+        }
+        assert (await first.token_response(**form))[0] == 200
+        status, body, _ = await second.token_response(**form)
+        assert (status, body["error"]) == (401, "invalid_client")
+        assert "already used" in body["error_description"]
+
+
 async def test_assertion_for_another_token_url(smart: Service, keys: dict[str, Key]) -> None:
     status, body, _ = await smart.token_response(
         grant_type="client_credentials",

@@ -239,7 +239,7 @@ async def test_concurrent_migrations_and_schema_check(postgres: PostgresCluster)
         await racing[0].check_schema()
         async with racing[0].connection() as conn:
             applied = await conn.fetchval("SELECT count(*) FROM schema_migrations")
-            assert applied == len(migrations()) == 3
+            assert applied == len(migrations())
             await conn.execute("UPDATE schema_migrations SET checksum = 'x' WHERE number = 1")
         with pytest.raises(SchemaError, match="different file"):
             await racing[0].check_schema()

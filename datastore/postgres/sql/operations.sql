@@ -139,3 +139,12 @@ SELECT ciphertext FROM secrets WHERE name = $1;
 
 -- name: delete_secret
 DELETE FROM secrets WHERE name = $1;
+
+-- name: claim
+-- Purges expired claims, then inserts (or takes over an expired) one; a row comes back
+-- exactly when the key was free.
+WITH purged AS (DELETE FROM claims WHERE expires_at <= $3)
+INSERT INTO claims (key, expires_at) VALUES ($1, $2)
+ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
+WHERE claims.expires_at <= $3
+RETURNING 1;

@@ -111,3 +111,11 @@ SELECT ciphertext FROM secrets WHERE name = :name;
 
 -- name: delete_secret
 DELETE FROM secrets WHERE name = :name;
+
+-- name: purge_claims
+DELETE FROM claims WHERE expires_at <= :now;
+
+-- name: claim
+INSERT INTO claims (key, expires_at) VALUES (:key, :expires_at)
+ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at
+WHERE claims.expires_at <= :now;
