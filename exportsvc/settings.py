@@ -74,7 +74,10 @@ class Settings(BaseSettings):
     import_batch_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Each input is split into batches (work items) of this many bytes."""
     import_max_line_bytes: int = Field(default=4 * 1024 * 1024, ge=256)
-    import_lines_per_commit: int = Field(default=2000, ge=1)
+    import_lines_per_commit: int = Field(default=50_000, ge=1)
+    """A batch checkpoints (one transaction) after this many lines ..."""
+    import_commit_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """... or once its pending resources hold this many bytes: memory stays bounded."""
 
     # export loop
     page_size: int = Field(default=2000, ge=1, le=100_000)
