@@ -23,6 +23,7 @@ as a shorter block, then the task stops at the block boundary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -52,6 +53,8 @@ class InputChanged(ExportSvcError):
 class ImportBatchTask(JobTask[ImportBatchRecord]):
     _pending: list[NewVersion]
     _positions: list[int]
+    _writing: asyncio.Future[None] | None = None
+    """The previous block's transaction, while the next block is read and prepared."""
 
     @property
     def container(self) -> str | None:
@@ -96,33 +99,60 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
             flush=self._stopping,
         )
         base = record.input_index << POSITION_BITS
-        async for block in blocks:
+        try:
+            async for block in blocks:
+                if await self._stop_requested():
+                    return
+                prepare = partial(
+                    prepare_block,
+                    block,
+                    record.input.type,
+                    settings.import_max_line_bytes,
+                    Stamp.at(utcnow()),
+                    base,
+                )
+                end = block.end
+                del block  # with its bytes gone, memory holds one block's worth, not two
+                prepared = await asyncio.get_running_loop().run_in_executor(_PREPARE, prepare)
+                del prepare
+                await self._settle()  # the record is the previous checkpoint's until now
+                await self._report(prepared, sources)
+                record.offset = end
+                record.lines_read += prepared.lines
+                for type_, count in prepared.counts.items():
+                    record.counts[type_] = record.counts.get(type_, 0) + count
+                self._pending, self._positions = prepared.versions, prepared.positions
+                await self._checkpoint_soon()
             if await self._stop_requested():
                 return
-            prepare = partial(
-                prepare_block,
-                block,
-                record.input.type,
-                settings.import_max_line_bytes,
-                Stamp.at(utcnow()),
-                base,
-            )
-            end = block.end
-            del block  # with its bytes gone, memory holds one block's worth, not two
-            prepared = await asyncio.get_running_loop().run_in_executor(_PREPARE, prepare)
-            del prepare
-            await self._report(prepared, sources)
-            record.offset = end
-            record.lines_read += prepared.lines
-            for type_, count in prepared.counts.items():
-                record.counts[type_] = record.counts.get(type_, 0) + count
-            self._pending, self._positions = prepared.versions, prepared.positions
+            record.offset = record.end if record.offset < record.end else record.offset
             await self._checkpoint()
-        if await self._stop_requested():
-            return
-        record.offset = record.end if record.offset < record.end else record.offset
-        await self._checkpoint()
+        finally:
+            if self._writing is not None:  # failing: the write still ends before the worker
+                with contextlib.suppress(Exception):  # records the failure
+                    await asyncio.shield(self._writing)
         await self._complete()
+
+    async def _stop_requested(self) -> bool:
+        if self._stopping():
+            await self._settle()  # a stop saves the record: never before the write does
+        return await super()._stop_requested()
+
+    async def _checkpoint(self) -> None:
+        await self._settle()
+        await super()._checkpoint()
+
+    async def _checkpoint_soon(self) -> None:
+        """Commit the files, start writing the block with its checkpoint, and go on: the
+        next block is prepared while the database writes this one. ``_settle`` waits."""
+        await self._commit_files()
+        self._writing = asyncio.ensure_future(self._persist())
+
+    async def _settle(self) -> None:
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            await asyncio.shield(writing)
+            self._checkpointed()
 
     async def _report(self, prepared: Prepared, sources: SourceReader) -> None:
         """Write a block's refused lines to the batch's error file (committed with it)."""
