@@ -31,7 +31,7 @@ from typing import Any
 from datastore.resources import Origin, WriteResult
 from datastore.versioning import NewVersion, Stamp
 from exportsvc.errors import ExportSvcError
-from exportsvc.ndjson_input import Line, Prepared, owned_blocks, prepare_block
+from exportsvc.ndjson_input import Prepared, owned_blocks, prepare_block
 from exportsvc.records import ImportBatchRecord, JobRecord, utcnow
 from exportsvc.sources import SourceReader
 from exportsvc.tasks import JobTask, outcome_line
@@ -157,13 +157,13 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
     async def _report(self, prepared: Prepared, sources: SourceReader) -> None:
         """Write a block's refused lines to the batch's error file (committed with it)."""
         record = self.record
-        for index, line, reason in prepared.refused:
+        for index, offset, reason in prepared.refused:
             errors = next((f for f in record.output if f.role == "error"), None)
             if errors is None:
                 errors = self._new_file("OperationOutcome", role="error")
                 await self.dest.start_file(errors)
             number = await self._line_number(sources) + index
-            await self._write(errors, _error_line(record.input.url, number, line, reason), 1)
+            await self._write(errors, _error_line(record.input.url, number, offset, reason), 1)
             record.errors += 1
 
     async def _line_number(self, sources: SourceReader) -> int:
@@ -189,9 +189,9 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
         await self.resources.write_versions(versions, origin=origin, checkpoint=checkpoint)
 
 
-def _error_line(url: str, number: int, line: Line, reason: str) -> bytes:
+def _error_line(url: str, number: int, offset: int, reason: str) -> bytes:
     return outcome_line(
-        f"input {url.split('?', 1)[0]} line {number} (byte offset {line.offset}): {reason}",
+        f"input {url.split('?', 1)[0]} line {number} (byte offset {offset}): {reason}",
         code="invalid",
         severity="error",
     )

@@ -191,7 +191,7 @@ async def owned_lines(
             yield line
 
 
-def parse_resource(data: bytes, expected_type: str | None) -> dict[str, Any] | str:
+def parse_resource(data: bytes | memoryview, expected_type: str | None) -> dict[str, Any] | str:
     """The resource on a line, or the reason it is refused."""
     try:
         resource = orjson.loads(data)
@@ -221,8 +221,8 @@ class Prepared:
     versions: list[NewVersion] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     """Of each version: ``position_base`` plus its line's offset."""
-    refused: list[tuple[int, Line, str]] = field(default_factory=list)
-    """Each refused line with its index in the block and the reason."""
+    refused: list[tuple[int, int, str]] = field(default_factory=list)
+    """Each refused line: its index in the block, its input offset, the reason."""
     counts: dict[str, int] = field(default_factory=dict)
     """Valid lines per resourceType."""
 
@@ -231,24 +231,36 @@ def prepare_block(
     block: Block, expected_type: str | None, max_bytes: int, stamp: Stamp, position_base: int
 ) -> Prepared:
     """Check every line of ``block`` (blank lines are skipped) and stamp each valid one
-    as a first version: each line is parsed once, and only its stamped bytes are kept."""
+    as a first version: each line is parsed once, straight from the block's bytes (no
+    copy per line), and only its stamped bytes are kept."""
     prepared = Prepared()
+    if block.data is None:
+        prepared.refused.append((0, block.offset, f"the line is longer than {max_bytes} bytes"))
+        prepared.lines = 1
+        return prepared
     versions, positions, counts = prepared.versions, prepared.positions, prepared.counts
-    index = -1
-    for index, line in enumerate(split_lines(block, max_bytes)):
-        if line.data is None:
+    data, view, size = block.data, memoryview(block.data), len(block.data)
+    index = start = 0
+    while start < size:
+        stop = data.find(b"\n", start)
+        stop = size if stop < 0 else stop
+        if stop - start > max_bytes:
             reason = f"the line is longer than {max_bytes} bytes"
-        elif not line.data.strip():
-            continue  # blank lines are allowed and skipped
         else:
-            resource = parse_resource(line.data, expected_type)
+            resource = parse_resource(view[start:stop], expected_type)
             if not isinstance(resource, str):
                 version = first_version(resource, stamp)
                 versions.append(version)
-                positions.append(position_base + line.offset)
+                positions.append(position_base + block.offset + start)
                 counts[version.type] = counts.get(version.type, 0) + 1
-                continue
-            reason = resource
-        prepared.refused.append((index, line, reason))
-    prepared.lines = index + 1
+                reason = ""
+            elif data[start:stop].strip():
+                reason = resource
+            else:
+                reason = ""  # blank lines are allowed and skipped
+        if reason:
+            prepared.refused.append((index, block.offset + start, reason))
+        index += 1
+        start = stop + 1
+    prepared.lines = index
     return prepared

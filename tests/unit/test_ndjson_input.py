@@ -187,9 +187,7 @@ def test_prepare_block_checks_and_stamps_every_line() -> None:
         "lastUpdated": "2026-01-02T03:04:05.678Z",
     }
     assert version.patients == frozenset({"a"})
-    refused = [
-        (index, line.offset, reason.split(" (")[0]) for index, line, reason in prepared.refused
-    ]
+    refused = [(index, offset, reason.split(" (")[0]) for index, offset, reason in prepared.refused]
     offsets = [100 + sum(len(line) + 1 for line in lines[:n]) for n in range(len(lines))]
     assert refused == [
         (2, offsets[2], "not valid JSON"),
