@@ -256,7 +256,8 @@ def _write_versions(
         pos = origin.positions[index] if origin else None
         stamp, raw = version.last_updated, version.raw
         rows.append((seq, *key, 1, stamp, 0, raw, None, job, pos, hashes[index]))
-        patients.extend((p, seq) for p in version.patients)
+        for patient in version.patients:  # a loop, not a generator: one per row adds up
+            patients.append((patient, seq))
         result.created += 1
         result.versions.append((version.type, version.id, 1))
     conn.executemany(Q["insert_version"], rows)
