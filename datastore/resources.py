@@ -175,11 +175,25 @@ class ResourceStore(abc.ABC):
         in the same transaction: a stale lease (``LeaseLost``) writes nothing.
         """
 
-    async def write_versions(self, versions: Sequence[NewVersion]) -> WriteResult:
-        """Store versions prepared elsewhere as first versions (``new_version`` with no
-        previous one, e.g. in a seeding process); any whose resource already exists goes
-        through :meth:`write`, keeping its lastUpdated. Backends may do this faster."""
-        return await self.write([orjson.loads(v.raw) for v in versions], keep_last_updated=True)
+    async def write_versions(
+        self,
+        versions: Sequence[NewVersion],
+        *,
+        origin: Origin | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> WriteResult:
+        """Store versions prepared elsewhere as first versions (``first_version``, or
+        ``new_version`` with no previous one: a seeding process, an import's lines); any
+        whose resource already exists, or comes twice, goes through :meth:`write`'s rules
+        (identical content: no new version; ``origin``: the last line wins), keeping its
+        lastUpdated. ``origin`` and ``checkpoint`` as for :meth:`write`, in the same one
+        transaction. Backends may do this faster than this default."""
+        return await self.write(
+            [orjson.loads(v.raw) for v in versions],
+            keep_last_updated=True,
+            origin=origin,
+            checkpoint=checkpoint,
+        )
 
     @abc.abstractmethod
     async def delete(self, type_: str, id_: str) -> bool:

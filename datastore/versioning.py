@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import orjson
@@ -11,10 +13,12 @@ import orjson
 from exportsvc.fhir.compartment import patient_ids
 
 
+@lru_cache(maxsize=16)
 def fhir_instant(moment: datetime) -> str:
-    """A FHIR ``instant`` in UTC with milliseconds: ``2024-01-02T03:04:05.678Z``."""
-    moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """A FHIR ``instant`` in UTC with milliseconds: ``2024-01-02T03:04:05.678Z``.
+
+    Remembered: a write stamps all its versions with one ``now``."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_instant(text: str) -> datetime:
@@ -22,6 +26,13 @@ def parse_instant(text: str) -> datetime:
     if moment.tzinfo is None:
         raise ValueError(f"instant without a time zone: {text!r}")
     return moment
+
+
+def _right_sized(data: bytes) -> bytes:
+    """A copy of ``data`` in a buffer of its own size. ``orjson.dumps`` hands back bytes in
+    its whole work buffer (4 KiB and up with orjson 3.12+, never trimmed), so a batch of
+    stored versions held in memory would take five times their size."""
+    return bytes(memoryview(data))
 
 
 def content_without_meta(resource: Mapping[str, Any]) -> dict[str, Any]:
@@ -83,6 +94,42 @@ def new_version(
         id_,
         version,
         int(stamp.timestamp() * 1_000_000),
-        orjson.dumps(content),
+        _right_sized(orjson.dumps(content)),
         patient_ids(content),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """The ``lastUpdated`` of the versions one write creates, formatted once for all."""
+
+    instant: str
+    micros: int
+
+    @classmethod
+    def at(cls, moment: datetime) -> Stamp:
+        return cls(fhir_instant(moment), int(moment.timestamp() * 1_000_000))
+
+
+def first_version(resource: dict[str, Any], stamp: Stamp) -> NewVersion:
+    """``resource`` as version 1 written at ``stamp``: exactly what :func:`new_version`
+    makes of it when there is no previous version (a store that finds one after all hands
+    the version back to :func:`new_version`). It takes ``resource`` over: the meta is
+    stamped in place, which saves copying every freshly parsed line."""
+    meta = resource.get("meta")
+    if meta:  # a JSON object: the caller checked
+        meta.pop("versionId", None)
+        meta.pop("lastUpdated", None)
+    if not meta:  # as content_without_meta: no meta left, a new one goes last
+        resource.pop("meta", None)
+        meta = resource["meta"] = {}
+    meta["versionId"] = "1"
+    meta["lastUpdated"] = stamp.instant
+    return NewVersion(
+        resource["resourceType"],
+        resource["id"],
+        1,
+        stamp.micros,
+        _right_sized(orjson.dumps(resource)),
+        patient_ids(resource),
     )

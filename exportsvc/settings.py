@@ -95,7 +95,10 @@ class Settings(BaseSettings):
     """Input lines nested deeper (objects and arrays) are refused (reported), not stored."""
     import_max_inputs: int = Field(default=1000, ge=1)
     """The most inputs one ``$import`` may name; more: ``400``."""
-    import_lines_per_commit: int = Field(default=2000, ge=1)
+    import_lines_per_commit: int = Field(default=50_000, ge=1)
+    """A batch checkpoints (one transaction) after this many lines ..."""
+    import_commit_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """... or once its pending resources hold this many bytes: memory stays bounded."""
 
     # export loop
     page_size: int = Field(default=2000, ge=1, le=100_000)

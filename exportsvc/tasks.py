@@ -157,6 +157,12 @@ class JobTask(abc.ABC, Generic[R]):
 
     async def _checkpoint(self) -> None:
         """Commit every touched file, then (and only then) persist the record."""
+        await self._commit_files()
+        await shielded(self._persist())
+        self._checkpointed()
+
+    async def _commit_files(self) -> None:
+        """A checkpoint's first half: commit every touched file, note their states."""
         if self.signals.lost.is_set():
             raise LeaseLost()
         record = self.record
@@ -170,8 +176,11 @@ class JobTask(abc.ABC, Generic[R]):
                 f.etag = state.etag
         record.failure_count = 0
         record.retry_after = None
-        await shielded(self._persist())
         self._touched.clear()
+
+    def _checkpointed(self) -> None:
+        """A checkpoint's record is saved."""
+        record = self.record
         log.info(
             "job.checkpoint",
             extra={

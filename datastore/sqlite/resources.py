@@ -31,7 +31,7 @@ from datastore.resources import (
 from datastore.sqlite.db import SqliteDatabase, key_hash, queries, transaction
 from datastore.versioning import NewVersion, new_version
 from exportsvc.errors import LeaseLost
-from exportsvc.records import utcnow
+from exportsvc.records import JobRecord, utcnow
 
 Q = queries("resources.sql")
 OPS = queries("operations.sql")
@@ -90,9 +90,14 @@ class SqliteResourceStore(ResourceStore):
         write = partial(_write, batch, utcnow(), keep_last_updated, origin, checkpoint)
         return await self.db.run(lambda c: transaction(c, write))
 
-    async def write_versions(self, versions: Sequence[NewVersion]) -> WriteResult:
-        batch = list(versions)
-        write = partial(_write_versions, batch, utcnow())
+    async def write_versions(
+        self,
+        versions: Sequence[NewVersion],
+        *,
+        origin: Origin | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> WriteResult:
+        write = partial(_write_versions, versions, utcnow(), origin, checkpoint)
         return await self.db.run(lambda c: transaction(c, write))
 
     async def delete(self, type_: str, id_: str) -> bool:
@@ -271,41 +276,59 @@ def _write(
     conn.executemany(Q["insert_patient"], patients)
     conn.executemany(Q["set_import_pos"], moved)
     if checkpoint is not None:
-        record = checkpoint(result)
-        if conn.execute(OPS["save"], save_params(record)).rowcount != 1:
-            raise LeaseLost()
+        _save_checkpoint(conn, checkpoint(result))
     return result
 
 
+def _save_checkpoint(conn: sqlite3.Connection, record: JobRecord) -> None:
+    """Save a task's record in the write's transaction, fenced by its lease version."""
+    if conn.execute(OPS["save"], save_params(record)).rowcount != 1:
+        raise LeaseLost()
+
+
 def _write_versions(
-    versions: list[NewVersion], now: datetime, conn: sqlite3.Connection
+    versions: Sequence[NewVersion],
+    now: datetime,
+    origin: Origin | None,
+    checkpoint: Checkpoint | None,
+    conn: sqlite3.Connection,
 ) -> WriteResult:
-    """First versions straight in; the few whose resource exists through ``_write``."""
+    """First versions straight in, marked with their import position; the few whose
+    resource exists (or comes again later in the batch) through ``_write``'s rules; then
+    the checkpoint, all in the caller's one transaction."""
     hashes = [key_hash(v.type, v.id) for v in versions]
     params = {"keys": orjson.dumps(sorted(set(hashes))).decode()}
-    existing = {(t, i) for t, i, *_ in conn.execute(Q["current_versions"], params)}
+    existing = {(t, i) for t, i, *_ in conn.execute(Q["current_exists"], params)}
     seq = conn.execute(Q["current_seq"]).fetchone()[0]
+    job = origin.job_id if origin else None
     rows: list[tuple[Any, ...]] = []
     patients: list[tuple[str, int]] = []
-    later: list[dict[str, Any]] = []
+    later: list[int] = []
     result = WriteResult()
-    for version, hashed in zip(versions, hashes, strict=True):
+    for index, version in enumerate(versions):
         key = (version.type, version.id)
         if key in existing or version.version != 1:
-            later.append(orjson.loads(version.raw))
+            later.append(index)
             continue
         existing.add(key)  # a second copy in this batch is an update: the slow path
         seq += 1
-        rows.append((seq, *key, 1, version.last_updated, 0, version.raw, None, None, None, hashed))
-        patients.extend((p, seq) for p in version.patients)
+        pos = origin.positions[index] if origin else None
+        stamp, raw = version.last_updated, version.raw
+        rows.append((seq, *key, 1, stamp, 0, raw, None, job, pos, hashes[index]))
+        for patient in version.patients:  # a loop, not a generator: one per row adds up
+            patients.append((patient, seq))
         result.created += 1
         result.versions.append((version.type, version.id, 1))
     conn.executemany(Q["insert_version"], rows)
     conn.executemany(Q["insert_patient"], patients)
     if later:
-        rest = _write(later, now, True, None, None, conn)
+        resources = [orjson.loads(versions[i].raw) for i in later]
+        positions = Origin(origin.job_id, [origin.positions[i] for i in later]) if origin else None
+        rest = _write(resources, now, True, positions, None, conn)
         result.created += rest.created
         result.updated += rest.updated
         result.unchanged += rest.unchanged
         result.versions += rest.versions
+    if checkpoint is not None:
+        _save_checkpoint(conn, checkpoint(result))
     return result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 from datastore.operations import OperationDataStore
 from datastore.resources import Origin, ResourceStore, WriteResult
+from datastore.versioning import Stamp, first_version
 from exportsvc.errors import LeaseLost
 from exportsvc.records import (
     ExportJobRecord,
@@ -121,31 +123,78 @@ def patient(id_: str, family: str) -> dict[str, Any]:
     return {"resourceType": "Patient", "id": id_, "name": [{"family": family}]}
 
 
+Write = Callable[..., Awaitable[WriteResult]]
+
+
+@pytest.fixture(params=["write", "write_versions"])
+def write(
+    request: pytest.FixtureRequest, stores: tuple[OperationDataStore, ResourceStore]
+) -> Write:
+    """One write, as resources (``write``) or as versions stamped beforehand, the way an
+    import prepares them (``write_versions``): the same rules either way."""
+    _, resources = stores
+    if request.param == "write":
+        return resources.write
+
+    async def write_versions(batch: Sequence[Mapping[str, Any]], **kwargs: Any) -> WriteResult:
+        stamp = Stamp.at(utcnow())
+        return await resources.write_versions([first_version(r, stamp) for r in batch], **kwargs)
+
+    return write_versions
+
+
 async def test_a_later_line_always_wins(
-    stores: tuple[OperationDataStore, ResourceStore],
+    stores: tuple[OperationDataStore, ResourceStore], write: Write
 ) -> None:
     _, resources = stores
     # Lines of one import at positions 10, 20, 30, written in the worst order.
-    await resources.write([patient("a", "X")], origin=Origin("imp", [30]))
-    await resources.write([patient("a", "Y")], origin=Origin("imp", [20]))
-    await resources.write([patient("a", "X")], origin=Origin("imp", [10]))
+    await write([patient("a", "X")], origin=Origin("imp", [30]))
+    await write([patient("a", "Y")], origin=Origin("imp", [20]))
+    await write([patient("a", "X")], origin=Origin("imp", [10]))
     stored = await resources.read("Patient", "a")
     assert stored is not None and stored["name"][0]["family"] == "X"
     assert stored["meta"]["versionId"] == "1"
     # Equal content from a later line moves the mark: an earlier different line loses.
-    await resources.write([patient("b", "X")], origin=Origin("imp", [10]))
-    await resources.write([patient("b", "X")], origin=Origin("imp", [30]))
-    await resources.write([patient("b", "Y")], origin=Origin("imp", [20]))
+    await write([patient("b", "X")], origin=Origin("imp", [10]))
+    await write([patient("b", "X")], origin=Origin("imp", [30]))
+    await write([patient("b", "Y")], origin=Origin("imp", [20]))
     stored = await resources.read("Patient", "b")
     assert stored is not None and stored["name"][0]["family"] == "X"
     # Another import is free to change it.
-    await resources.write([patient("b", "Z")], origin=Origin("other", [1]))
+    await write([patient("b", "Z")], origin=Origin("other", [1]))
     stored = await resources.read("Patient", "b")
     assert stored is not None and stored["name"][0]["family"] == "Z"
+    assert stored["meta"]["versionId"] == "2"
+
+
+async def test_one_batch_with_repeated_and_existing_ids(
+    stores: tuple[OperationDataStore, ResourceStore], write: Write
+) -> None:
+    _, resources = stores
+    await write([patient("old", "X"), patient("same", "S")])
+    batch = [
+        patient("new", "A"),
+        patient("old", "Y"),  # an existing resource, changed: version 2
+        patient("new", "B"),  # a later line of this batch changes it: version 2
+        patient("same", "S"),  # unchanged content: no new version
+        patient("back", "P"),
+        patient("back", "Q"),  # a later line that comes first in the batch...
+    ]
+    positions = [1, 2, 3, 4, 6, 5]  # ... at position 5 < 6: it loses
+    result = await write(batch, origin=Origin("imp", positions))
+    assert (result.created, result.updated, result.unchanged) == (2, 2, 2)
+    wanted = {"new": ("B", "2"), "old": ("Y", "2"), "same": ("S", "1"), "back": ("P", "1")}
+    for id_, (family, version) in wanted.items():
+        stored = await resources.read("Patient", id_)
+        assert stored is not None, id_
+        assert (stored["name"][0]["family"], stored["meta"]["versionId"]) == (family, version)
+    # The same batch again (a resumed import re-reading committed lines) changes nothing.
+    again = await write(batch, origin=Origin("imp", positions))
+    assert (again.created, again.updated, again.unchanged) == (0, 0, 6)
 
 
 async def test_write_and_checkpoint_share_a_transaction(
-    stores: tuple[OperationDataStore, ResourceStore],
+    stores: tuple[OperationDataStore, ResourceStore], write: Write
 ) -> None:
     operations, resources = stores
     parent, children = an_import(batches=1)
@@ -159,7 +208,7 @@ async def test_write_and_checkpoint_share_a_transaction(
         leased.offset = 150
         return leased
 
-    await resources.write([patient("a", "X")], checkpoint=checkpoint)
+    await write([patient("a", "X")], checkpoint=checkpoint)
     stored = await operations.get(leased.id)
     assert isinstance(stored, ImportBatchRecord) and (stored.created, stored.offset) == (1, 150)
 
@@ -167,8 +216,10 @@ async def test_write_and_checkpoint_share_a_transaction(
     taken = await operations.acquire("w2", 30, utcnow() + timedelta(seconds=31))
     assert taken is not None
     with pytest.raises(LeaseLost):
-        await resources.write([patient("zombie", "Z")], checkpoint=checkpoint)
+        await write([patient("zombie", "Z"), patient("a", "Y")], checkpoint=checkpoint)
     assert await resources.read("Patient", "zombie") is None
+    unchanged = await resources.read("Patient", "a")
+    assert unchanged is not None and unchanged["name"][0]["family"] == "X"
 
 
 async def test_a_released_parent_is_not_renewed_by_a_late_heartbeat(

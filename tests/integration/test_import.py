@@ -378,7 +378,7 @@ async def test_crash_between_error_commit_and_checkpoint(
         }
         batch = await operations.acquire("w1", 30, utcnow())
         assert isinstance(batch, ImportBatchRecord)
-        original = store.write
+        original = store.write_versions
         writes = 0
 
         async def write_then_crash(*args: Any, **kwargs: Any) -> Any:
@@ -388,10 +388,10 @@ async def test_crash_between_error_commit_and_checkpoint(
                 raise _Crash()
             return await original(*args, **kwargs)
 
-        store.write = write_then_crash  # type: ignore[method-assign]
+        store.write_versions = write_then_crash  # type: ignore[method-assign]
         with pytest.raises(_Crash):
             await ImportBatchTask(batch, **facilities).run()
-        store.write = original  # type: ignore[method-assign]
+        store.write_versions = original  # type: ignore[method-assign]
         checkpointed = await operations.get(batch.id)
         assert isinstance(checkpointed, ImportBatchRecord) and checkpointed.lines_read == 10
 

@@ -9,6 +9,10 @@ WHERE key_hash = :key AND type = :type AND id = :id AND next_seq IS NULL;
 SELECT type, id, seq, version, raw, import_job, import_pos FROM resources
 WHERE key_hash IN (SELECT value FROM json_each(:keys)) AND next_seq IS NULL;
 
+-- name: current_exists
+SELECT type, id FROM resources
+WHERE key_hash IN (SELECT value FROM json_each(:keys)) AND next_seq IS NULL;
+
 -- name: insert_version
 INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq,
                        import_job, import_pos, key_hash)
