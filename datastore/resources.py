@@ -13,12 +13,12 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from datastore.versioning import NewVersion
+from datastore.versioning import NewVersion, Stamp
 
 if TYPE_CHECKING:
     from exportsvc.records import JobRecord
@@ -181,19 +181,30 @@ class ResourceStore(abc.ABC):
         *,
         origin: Origin | None = None,
         checkpoint: Checkpoint | None = None,
+        restamp: Stamp | None = None,
     ) -> WriteResult:
         """Store versions prepared elsewhere as first versions (``first_version``, or
         ``new_version`` with no previous one: a seeding process, an import's lines); any
         whose resource already exists, or comes twice, goes through :meth:`write`'s rules
         (identical content: no new version; ``origin``: the last line wins), keeping its
         lastUpdated. ``origin`` and ``checkpoint`` as for :meth:`write`, in the same one
-        transaction. Backends may do this faster than this default."""
+        transaction. ``restamp``: the versions carry this pending stamp
+        (:meth:`Stamp.pending`), to be replaced by the time of the write transaction.
+        Backends may do this faster than this default."""
         return await self.write(
             [orjson.loads(v.raw) for v in versions],
-            keep_last_updated=True,
+            keep_last_updated=restamp is None,
             origin=origin,
             checkpoint=checkpoint,
         )
+
+    async def snapshot(self) -> tuple[int, datetime]:
+        """An export's snapshot: ``(seq, time)``, such that every version with a larger
+        ``seq`` has a later lastUpdated than ``time``. Writes stamp their versions inside
+        their transaction, so a backend with concurrent writers takes ``time`` first and
+        then reads the sequence once no write is in progress (under its write lock)."""
+        moment = datetime.now(UTC)
+        return await self.current_seq(), moment
 
     @abc.abstractmethod
     async def delete(self, type_: str, id_: str) -> bool:

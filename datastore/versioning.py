@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -109,6 +110,22 @@ class Stamp:
     @classmethod
     def at(cls, moment: datetime) -> Stamp:
         return cls(fhir_instant(moment), int(moment.timestamp() * 1_000_000))
+
+    @classmethod
+    def pending(cls) -> Stamp:
+        """A stand-in for versions prepared before their write: a random token as long
+        as an instant. The store puts the time of the transaction that writes them in its
+        place (:func:`restamped`): a version must never commit with a lastUpdated older
+        than an export snapshot taken before it, or the next export ``_since`` that
+        snapshot's time would miss it."""
+        return cls("pending-" + secrets.token_hex(8), 0)
+
+
+def restamped(versions: Sequence[NewVersion], pending: Stamp, now: datetime) -> list[NewVersion]:
+    """``versions`` stamped with ``pending`` (:meth:`Stamp.pending`), stamped at ``now``."""
+    stamp = Stamp.at(now)
+    old, new = pending.instant.encode(), stamp.instant.encode()
+    return [v._replace(raw=v.raw.replace(old, new), last_updated=stamp.micros) for v in versions]
 
 
 def first_version(resource: dict[str, Any], stamp: Stamp) -> NewVersion:

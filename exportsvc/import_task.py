@@ -32,7 +32,7 @@ from datastore.resources import Origin, WriteResult
 from datastore.versioning import NewVersion, Stamp
 from exportsvc.errors import ExportSvcError
 from exportsvc.ndjson_input import Prepared, owned_blocks, prepare_block
-from exportsvc.records import ImportBatchRecord, JobRecord, utcnow
+from exportsvc.records import ImportBatchRecord, JobRecord
 from exportsvc.sources import SourceReader
 from exportsvc.tasks import JobTask, outcome_line
 
@@ -55,6 +55,8 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
     _positions: list[int]
     _writing: asyncio.Future[None] | None = None
     """The previous block's transaction, while the next block is read and prepared."""
+    _stamp: Stamp | None = None
+    """The pending stamp this run's versions carry until their write (``Stamp.pending``)."""
 
     @property
     def container(self) -> str | None:
@@ -99,6 +101,9 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
             flush=self._stopping,
         )
         base = record.input_index << POSITION_BITS
+        # Lines are stamped when prepared with a stand-in the store replaces by the time
+        # of the transaction that writes them (see ResourceStore.snapshot).
+        stamp = self._stamp = Stamp.pending()
         try:
             async for block in blocks:
                 if await self._stop_requested():
@@ -108,7 +113,7 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
                     block,
                     record.input.type,
                     settings.import_max_line_bytes,
-                    Stamp.at(utcnow()),
+                    stamp,
                     base,
                     settings.import_max_depth,
                 )
@@ -187,7 +192,9 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
             record.unchanged += result.unchanged
             return record
 
-        await self.resources.write_versions(versions, origin=origin, checkpoint=checkpoint)
+        await self.resources.write_versions(
+            versions, origin=origin, checkpoint=checkpoint, restamp=self._stamp
+        )
 
 
 def _error_line(url: str, number: int, offset: int, reason: str) -> bytes:

@@ -14,7 +14,6 @@ from exportsvc.records import (
     ImportJobRecord,
     JobRecord,
     JobStatus,
-    utcnow,
 )
 from exportsvc.secrets import SecretStore
 from exportsvc.settings import Settings
@@ -39,13 +38,16 @@ async def submit_export(
         raise NotFound(f"Group/{request.group_id} is not known to this server")
     job_id = uuid.uuid4().hex
     secret_name = f"export-{job_id}"
+    # Every version committed after the snapshot is stamped after transaction_time, so
+    # the next export _since this one's transactionTime gets it (ResourceStore.snapshot).
+    snapshot_seq, transaction_time = await resources.snapshot()
     record = ExportJobRecord(
         id=job_id,
         client=client,
         request=request,
         fingerprint=request.fingerprint(),
-        transaction_time=utcnow(),
-        snapshot_seq=await resources.current_seq(),
+        transaction_time=transaction_time,
+        snapshot_seq=snapshot_seq,
         secret_name=secret_name,
     )
     await secrets.put(secret_name, destinations.secret_for(request.container))

@@ -29,7 +29,7 @@ from datastore.resources import (
     to_micros,
 )
 from datastore.sqlite.db import SqliteDatabase, key_hash, queries, transaction
-from datastore.versioning import NewVersion, new_version
+from datastore.versioning import NewVersion, Stamp, new_version, restamped
 from exportsvc.errors import LeaseLost
 from exportsvc.records import JobRecord, utcnow
 
@@ -87,7 +87,7 @@ class SqliteResourceStore(ResourceStore):
         checkpoint: Checkpoint | None = None,
     ) -> WriteResult:
         batch = list(resources)
-        write = partial(_write, batch, utcnow(), keep_last_updated, origin, checkpoint)
+        write = partial(_write, batch, None, keep_last_updated, origin, checkpoint)
         return await self.db.run(lambda c: transaction(c, write))
 
     async def write_versions(
@@ -96,9 +96,17 @@ class SqliteResourceStore(ResourceStore):
         *,
         origin: Origin | None = None,
         checkpoint: Checkpoint | None = None,
+        restamp: Stamp | None = None,
     ) -> WriteResult:
-        write = partial(_write_versions, versions, utcnow(), origin, checkpoint)
+        write = partial(_write_versions, versions, origin, checkpoint, restamp)
         return await self.db.run(lambda c: transaction(c, write))
+
+    async def snapshot(self) -> tuple[int, datetime]:
+        def snapshot(conn: sqlite3.Connection) -> tuple[int, datetime]:
+            moment = utcnow()  # before the lock: a write that commits later stamps later
+            return int(conn.execute(Q["current_seq"]).fetchone()[0]), moment
+
+        return await self.db.run(lambda c: transaction(c, snapshot))
 
     async def delete(self, type_: str, id_: str) -> bool:
         def delete(conn: sqlite3.Connection) -> bool:
@@ -215,7 +223,7 @@ def _scan(conn: sqlite3.Connection, *, after: int, limit: int) -> list[tuple[Any
 
 def _write(
     batch: Sequence[Mapping[str, Any]],
-    now: datetime,
+    now: datetime | None,
     keep_last_updated: bool,
     origin: Origin | None,
     checkpoint: Checkpoint | None,
@@ -223,7 +231,9 @@ def _write(
 ) -> WriteResult:
     """One transaction: look up the current versions of the whole batch (one query per
     type), insert every new version with explicit sequence numbers in bulk, then save the
-    checkpoint (fenced) in the same transaction."""
+    checkpoint (fenced) in the same transaction. Versions are stamped ``now``, by default
+    the time inside the transaction (see ``ResourceStore.snapshot``)."""
+    now = now or utcnow()
     current: dict[tuple[str, str], list[Any]] = {}
     keys = [(str(r.get("resourceType")), str(r.get("id"))) for r in batch]
     hashes = [key_hash(*key) for key in keys]
@@ -288,14 +298,18 @@ def _save_checkpoint(conn: sqlite3.Connection, record: JobRecord) -> None:
 
 def _write_versions(
     versions: Sequence[NewVersion],
-    now: datetime,
     origin: Origin | None,
     checkpoint: Checkpoint | None,
+    restamp: Stamp | None,
     conn: sqlite3.Connection,
 ) -> WriteResult:
     """First versions straight in, marked with their import position; the few whose
     resource exists (or comes again later in the batch) through ``_write``'s rules; then
-    the checkpoint, all in the caller's one transaction."""
+    the checkpoint, all in the caller's one transaction. ``restamp``: the versions' pending
+    stamp, replaced here by the transaction's time."""
+    now = utcnow()
+    if restamp is not None:
+        versions = restamped(versions, restamp, now)
     hashes = [key_hash(v.type, v.id) for v in versions]
     params = {"keys": orjson.dumps(sorted(set(hashes))).decode()}
     existing = {(t, i) for t, i, *_ in conn.execute(Q["current_exists"], params)}

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from datastore.resources import BlockQuery, ExportQuery, ResourceStore
+from datastore.versioning import Stamp, first_version
 
 
 def patient(
@@ -289,3 +290,34 @@ async def test_blocks_by_patient_compartment(resources: ResourceStore) -> None:
     assert await all_blocks(resources, only_p2) == [("p2", "Observation", "both")]
     since = BlockQuery(snap, types=["Patient"], since=datetime(2021, 1, 1, tzinfo=UTC))
     assert await all_blocks(resources, since) == [("p2", "Patient", "p2")]
+
+
+async def test_versions_prepared_before_a_snapshot_are_stamped_after_it(
+    resources: ResourceStore,
+) -> None:
+    """An import prepares its lines before writing them. An export snapshot taken in
+    between must not end up after the versions' lastUpdated, or an export ``_since`` that
+    snapshot's time would miss them: the store stamps them when it writes them."""
+    pending = Stamp.pending()
+    prepared = [first_version(patient(f"p{n}"), pending) for n in range(3)]
+    seq, transaction_time = await resources.snapshot()
+    assert seq == 0
+    await resources.write_versions(prepared, restamp=pending)
+    written = await all_rows(resources, ExportQuery("Patient", await resources.current_seq()))
+    assert [id_ for id_, _ in written] == ["p0", "p1", "p2"]
+    page = await resources.page(ExportQuery("Patient", await resources.current_seq()), 0, 10)
+    in_millis = transaction_time.replace(microsecond=transaction_time.microsecond // 1000 * 1000)
+    for raw in page.raws:
+        assert pending.instant.encode() not in raw
+        updated = datetime.fromisoformat(orjson.loads(raw)["meta"]["lastUpdated"])
+        assert updated >= in_millis  # an instant has milliseconds; the store keeps micros
+    # The next export _since this snapshot's time gets every one of them.
+    since = ExportQuery("Patient", await resources.current_seq(), since=transaction_time)
+    assert len(await all_rows(resources, since)) == 3
+
+
+async def test_seeded_versions_keep_their_lastupdated(resources: ResourceStore) -> None:
+    stamp = Stamp.at(datetime(2020, 5, 1, tzinfo=UTC))
+    await resources.write_versions([first_version(patient("old"), stamp)])
+    page = await resources.page(ExportQuery("Patient", await resources.current_seq()), 0, 10)
+    assert orjson.loads(page.raws[0])["meta"]["lastUpdated"] == "2020-05-01T00:00:00.000Z"
