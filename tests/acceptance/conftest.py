@@ -815,7 +815,16 @@ class PostgresStore(Store):
         return {(t, i): bytes(raw) for t, i, raw in rows if wanted is None or t in wanted}
 
     def write_locked(self) -> bool:
-        raise NotImplementedError("a SQLite question: PostgreSQL has no database write lock")
+        """Whether another session of the database is inside a transaction or a statement
+        right now (holding whatever locks it took): PostgreSQL has no one write lock, and
+        a process stopped there would block others on the rows or advisory lock it holds.
+        An idle session, such as a worker's LISTEN connection, holds none."""
+        rows = self._query(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend' AND state <> 'idle'"
+        )
+        return bool(rows[0][0])
 
 
 class PostgresDatabases:
