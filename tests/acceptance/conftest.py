@@ -208,6 +208,11 @@ class Store:
                 selected[key] = raw
         return selected
 
+    def version_counts(self) -> dict[Key, int]:
+        """(type, id) → how many versions the store holds."""
+        rows = self._query("SELECT type, id, count(*) FROM resources GROUP BY type, id")
+        return {(t, i): n for t, i, n in rows}
+
     def write_locked(self) -> bool:
         """Whether another process holds the database's write lock right now.
 

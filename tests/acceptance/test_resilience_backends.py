@@ -12,9 +12,9 @@ store):
   URL and equals the store, nothing the manifest does not list is left under the job's
   prefix, and ``exportsvc validate`` agrees;
 - with PostgreSQL as the store (both stores; filesystem destination), checked as on SQLite;
-- for ``$import`` (SQLite, filesystem): ndjson inputs with broken lines (malformed JSON,
-  wrong type, invalid id), 64 KiB batches and a commit every 50 lines, so kills land
-  mid-batch. At the end ``exportsvc validate`` finds every resource and every refused
+- for ``$import`` (SQLite and PostgreSQL, filesystem): ndjson inputs with broken lines
+  (malformed JSON, wrong type, invalid id), 64 KiB batches and a commit every 50 lines,
+  so kills land mid-batch. At the end ``exportsvc validate`` finds every resource and every refused
   line reported exactly once, and no resource has more than its one version.
 
 Every kill loop checks, as the filesystem one does: the next start of each unit a killed
@@ -42,11 +42,9 @@ import json
 import random
 import shutil
 import signal
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -357,16 +355,19 @@ def assert_follows_its_items(parent: dict[str, Any]) -> None:
 
 
 def api_on(
-    start_exportsvc: ServerFactory, tmp_path: Path, store: Path | str, **options: str
+    start_exportsvc: ServerFactory, tmp_path: Path, store: Path | str | None, **options: str
 ) -> LiveServer:
-    """``serve --no-worker`` on ``store``: a seeded SQLite data dir (a template, copied) or
-    a PostgreSQL DSN (both stores in it; its ``store`` then reads that database). The
-    destination is the filesystem unless ``options`` say otherwise (``AzureContainer``)."""
+    """``serve --no-worker`` on ``store``: a seeded SQLite data dir (a template, copied), a
+    PostgreSQL DSN (both stores in it; its ``store`` then reads that database) or None (a
+    new, empty SQLite store). The destination is the filesystem unless ``options`` say
+    otherwise (``AzureContainer``)."""
     data_dir = tmp_path / "data"
     if isinstance(store, Path):
         shutil.copytree(store, data_dir)
         return start_exportsvc.api_only(data_dir, **options)
     data_dir.mkdir()
+    if store is None:
+        return start_exportsvc.api_only(data_dir, **options)
     api = start_exportsvc.api_only(data_dir, **options, **postgres_settings(store))
     api.store = PostgresStore.of(store)
     return api
@@ -908,9 +909,7 @@ def import_commit(before: LogEvent | None, started: LogEvent) -> bool:
 
 def versions(api: LiveServer) -> dict[Key, int]:
     """(type, id) → how many versions the store holds."""
-    with closing(sqlite3.connect(f"file:{api.store.path}?mode=ro", uri=True)) as db:
-        rows = db.execute("SELECT type, id, count(*) FROM resources GROUP BY type, id")
-        return {(t, i): n for t, i, n in rows.fetchall()}
+    return api.store.version_counts()
 
 
 def import_after_kill(api: LiveServer) -> AfterKill:
@@ -978,15 +977,24 @@ def import_inputs(tmp_path: Path) -> ImportInputs:
     return write_inputs(tmp_path / "inputs", lines_per_file=3000)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def import_store(request: pytest.FixtureRequest) -> str | None:
+    """Where an import goes: a new SQLite store (None), or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    databases: PostgresDatabases = request.getfixturevalue("postgres_databases")
+    return databases(0)
+
+
 def test_kill_9_loop_on_import(
     import_inputs: ImportInputs,
+    import_store: str | None,
     tmp_path: Path,
     start_exportsvc: ServerFactory,
     start_worker: WorkerFactory,
 ) -> None:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    api = start_exportsvc.api_only(data_dir, **import_settings(import_inputs, lease_seconds="1"))
+    options = import_settings(import_inputs, lease_seconds="1")
+    api = api_on(start_exportsvc, tmp_path, import_store, **options)
     status_url = kick_off_import(api, import_inputs)
     units = Units(api, job_id_of(status_url))
     assert len(units.work()) > 3 * len(import_inputs.files), "too few batches"
@@ -1004,15 +1012,14 @@ def test_kill_9_loop_on_import(
 
 def test_sigterm_drain_on_import(
     import_inputs: ImportInputs,
+    import_store: str | None,
     tmp_path: Path,
     start_exportsvc: ServerFactory,
     start_worker: WorkerFactory,
 ) -> None:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
     # Batches of 64 KiB last some 50 ms: too short for a SIGTERM to find one midway.
     options = import_settings(import_inputs, import_batch_bytes=str(8 * IMPORT_BATCH_BYTES))
-    api = start_exportsvc.api_only(data_dir, **options)
+    api = api_on(start_exportsvc, tmp_path, import_store, **options)
     status_url = kick_off_import(api, import_inputs)
     units = Units(api, job_id_of(status_url))
 
