@@ -18,11 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "bench" / "run.py"
 SCENARIOS = (
     "ideal_fs",
+    "ideal_fs_postgres",
     "ideal_azure",
     "ideal_azure_sequential",
     "ideal_import_sqlite",
     "ideal_import_postgres",
     "export_fs",
+    "export_postgres",
     "export_azure",
     "kickoff",
     "import_sqlite",
@@ -32,6 +34,8 @@ SCENARIOS = (
     "scale",
 )
 NEEDS_EXTERNAL = {
+    "ideal_fs_postgres",
+    "export_postgres",
     "ideal_azure",
     "ideal_azure_sequential",
     "export_azure",
@@ -81,5 +85,12 @@ def test_bench_runs_every_scenario_at_a_tiny_size(tmp_path: Path) -> None:
         scenario = result["scenarios"][name]
         assert scenario["resources"] > 0 and scenario["bytes"] > 0 and scenario["seconds"] > 0, name
     assert result["scenarios"]["export_fs"]["resources"] == result["resources"]
+    # The PostgreSQL store is seeded with the same data: the same bytes come out of it.
+    same = [result["scenarios"][n] for n in ("ideal_fs_postgres", "export_postgres")]
+    for scenario in [s for s in same if s["status"] == "ok"]:
+        assert (scenario["resources"], scenario["bytes"]) == (
+            result["resources"],
+            result["scenarios"]["ideal_fs"]["bytes"],
+        )
     assert result["scenarios"]["export_fs"]["peak_rss_mb"] > 0
     assert list(tmp_path.iterdir()) == [out]  # the run removed its temporary folders
