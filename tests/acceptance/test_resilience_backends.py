@@ -746,6 +746,11 @@ def test_a_stalled_worker_cannot_write_beside_the_new_owner_on_azure_blob(
     }
     assert not stray, f"blocks of the stalled worker committed after it stalled: {stray}"
     assert_woke_and_wrote_nothing(stalled, [second], units, logged=logged)
+    # The workers' logs are the service's events, not a line per Azure request.
+    chatter = [
+        e for w in (stalled.zombie, second) for e in w.log.events() if e.logger.startswith("azure")
+    ]
+    assert all(e.level in ("WARNING", "ERROR") for e in chatter), "\n".join(map(str, chatter[:5]))
 
 
 # -- $import ------------------------------------------------------------------------------
