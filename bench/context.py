@@ -8,6 +8,7 @@ Azurite is started afresh for each measurement and ended by its pid after it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import shutil
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from common import ROOT, run_cli, seed
 from ideal_export import scan_to_files
 
@@ -53,6 +55,7 @@ class Context:
     _seed_output: dict[int, str] = field(default_factory=dict)
     _inputs: dict[int, Path] = field(default_factory=dict)
     _postgres: PostgresCluster | None = None
+    _postgres_stores: dict[int, str] = field(default_factory=dict)
     _names: itertools.count[int] = field(default_factory=itertools.count)
 
     def close(self) -> None:
@@ -111,6 +114,27 @@ class Context:
         except pytest.skip.Exception as exc:
             raise Unavailable(f"{name} is not available: {exc}") from exc
 
+    def postgres_store(self, size: int) -> str:
+        """The name of a PostgreSQL database seeded like :meth:`store` (``exportsvc seed``:
+        the same resources, byte for byte) and analyzed, as a store in use would be;
+        cached. A template: work on :meth:`copy_postgres_store`."""
+        patients = patients_for(size)
+        if patients not in self._postgres_stores:
+            name = f"store_{patients}p"
+            dsn = self.postgres().create_database(name)
+            folder = self.scratch("seed-postgres")
+            run_cli(folder, "migrate", database_url=dsn)
+            run_cli(folder, "seed", "--patients", str(patients), database_url=dsn)
+            shutil.rmtree(folder)
+            asyncio.run(_analyze(dsn))
+            self._postgres_stores[patients] = name
+        return self._postgres_stores[patients]
+
+    def copy_postgres_store(self, size: int) -> str:
+        """A new database, a copy of :meth:`postgres_store`; its DSN."""
+        template = self.postgres_store(size)
+        return self.postgres().create_database(f"copy_{next(self._names)}", template=template)
+
     def new_database(self) -> str:
         """A fresh PostgreSQL database with the service's schema (``exportsvc migrate``)."""
         cluster = self.postgres()
@@ -119,3 +143,11 @@ class Context:
         run_cli(folder, "migrate", database_url=dsn)
         shutil.rmtree(folder)
         return dsn
+
+
+async def _analyze(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()

@@ -19,7 +19,7 @@ from typing import Any
 from azure.storage.blob import ContainerClient
 from common import EXPORT_HEADERS, MB, Service, http_json, measured, poll_until_done, run_cli
 from context import Context
-from ideal_export import scan_to_azure, scan_to_files
+from ideal_export import scan_postgres_to_files, scan_to_azure, scan_to_files
 from ideal_import import load_postgres, load_sqlite
 
 AZURE_CONTAINER = "exports"
@@ -49,6 +49,17 @@ def ideal_files(ctx: Context, size: int) -> dict[str, Any]:
     try:
         started = time.perf_counter()
         resources, nbytes = scan_to_files(ctx.store(size) / "exportsvc.sqlite3", out)
+        return measured(resources, nbytes, time.perf_counter() - started)
+    finally:
+        shutil.rmtree(out)
+
+
+def ideal_files_postgres(ctx: Context, size: int) -> dict[str, Any]:
+    dsn = ctx.postgres().dsn_for(ctx.postgres_store(size))
+    out = ctx.scratch("ideal-fs-postgres")
+    try:
+        started = time.perf_counter()
+        resources, nbytes = asyncio.run(scan_postgres_to_files(dsn, out))
         return measured(resources, nbytes, time.perf_counter() - started)
     finally:
         shutil.rmtree(out)
@@ -102,16 +113,22 @@ def _follow(service: Service, response: tuple[int, dict[str, str], Any]) -> dict
     return poll_until_done(headers["Content-Location"])
 
 
-def service_export(ctx: Context, size: int, *, destination: str = "filesystem") -> dict[str, Any]:
+def service_export(
+    ctx: Context, size: int, *, destination: str = "filesystem", backend: str = "sqlite"
+) -> dict[str, Any]:
     if destination == "azure-blob":
         with ctx.azurite() as azurite:
-            return _service_export(ctx, size, azurite.connection_string)
-    return _service_export(ctx, size, None)
+            return _service_export(ctx, size, azurite.connection_string, backend)
+    return _service_export(ctx, size, None, backend)
 
 
-def _service_export(ctx: Context, size: int, azure: str | None) -> dict[str, Any]:
-    data = ctx.copy_store(size, "export")
+def _service_export(ctx: Context, size: int, azure: str | None, backend: str) -> dict[str, Any]:
     settings = dict(ctx.settings)
+    if backend == "postgres":  # both stores in a copy of the seeded database
+        data = ctx.scratch("export-postgres")
+        settings["database_url"] = ctx.copy_postgres_store(size)
+    else:
+        data = ctx.copy_store(size, "export")
     if azure is not None:
         settings |= {
             "destination": "azure-blob",

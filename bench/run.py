@@ -3,9 +3,10 @@
     .venv/bin/python bench/run.py --size 100000 [--scenarios export import ...] [--out DIR]
 
 Scenarios (``--scenarios`` takes names or the groups ``ideal``, ``export``, ``import``;
-what a chosen scenario needs runs too): the ideal loops (a) ``ideal_fs``, (b)
-``ideal_azure`` and ``ideal_azure_sequential``, (c) ``ideal_import_sqlite`` and
-``ideal_import_postgres``; then ``export_fs``, ``export_azure``, ``kickoff`` (a store
+what a chosen scenario needs runs too): the ideal loops (a) ``ideal_fs`` and
+``ideal_fs_postgres``, (b) ``ideal_azure`` and ``ideal_azure_sequential``, (c)
+``ideal_import_sqlite`` and ``ideal_import_postgres``; then ``export_fs``,
+``export_postgres``, ``export_azure``, ``kickoff`` (a store
 of ``--kickoff-size``, 400k by default), ``import_sqlite``, ``import_postgres``,
 ``memory`` (peak RSS against a ``--memory-reference-size`` run), ``drain`` and
 ``scale``. The result goes to ``OUT/<date>-<size>.json`` (default ``bench/results``).

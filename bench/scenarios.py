@@ -17,6 +17,7 @@ from context import Context
 from measure import (
     ideal_azure,
     ideal_files,
+    ideal_files_postgres,
     ideal_import,
     repeated,
     service_export,
@@ -53,6 +54,10 @@ def ideal_fs(ctx: Context) -> dict[str, Any]:
     return repeated(ctx, ideal_files, ctx.size)
 
 
+def ideal_fs_postgres(ctx: Context) -> dict[str, Any]:
+    return repeated(ctx, ideal_files_postgres, ctx.size)
+
+
 def ideal_azure_overlapped(ctx: Context) -> dict[str, Any]:
     return repeated(ctx, ideal_azure, ctx.size, overlapped=True)
 
@@ -77,6 +82,13 @@ def export_fs(ctx: Context) -> dict[str, Any]:
     result["ratio"] = ratio(result, ctx.results["ideal_fs"])
     result["targets"] = [target("ratio to loop (a)", result["ratio"], ">=", 0.75)]
     return result | _ideal("ideal_fs")
+
+
+def export_postgres(ctx: Context) -> dict[str, Any]:
+    result = repeated(ctx, service_export, ctx.size, backend="postgres")
+    result["ratio"] = ratio(result, ctx.results["ideal_fs_postgres"])
+    result["targets"] = [target("ratio to loop (a) on PostgreSQL", result["ratio"], ">=", 0.75)]
+    return result | _ideal("ideal_fs_postgres")
 
 
 def export_azure(ctx: Context) -> dict[str, Any]:
@@ -231,11 +243,13 @@ def linear_fit(xs: list[float], ys: list[float]) -> dict[str, float | None]:
 # name -> (function, the scenarios whose results it needs)
 SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
     "ideal_fs": (ideal_fs, ()),
+    "ideal_fs_postgres": (ideal_fs_postgres, ()),
     "ideal_azure": (ideal_azure_overlapped, ()),
     "ideal_azure_sequential": (ideal_azure_sequential, ()),
     "ideal_import_sqlite": (ideal_import_sqlite, ()),
     "ideal_import_postgres": (ideal_import_postgres, ()),
     "export_fs": (export_fs, ("ideal_fs",)),
+    "export_postgres": (export_postgres, ("ideal_fs_postgres",)),
     "export_azure": (export_azure, ("ideal_azure", "ideal_azure_sequential")),
     "kickoff": (kickoff, ()),
     "import_sqlite": (import_sqlite, ("ideal_import_sqlite",)),
@@ -246,7 +260,7 @@ SCENARIOS: dict[str, tuple[Scenario, tuple[str, ...]]] = {
 }
 GROUPS = {
     "ideal": [name for name in SCENARIOS if name.startswith("ideal_")],
-    "export": ["export_fs", "export_azure"],
+    "export": ["export_fs", "export_postgres", "export_azure"],
     "import": ["import_sqlite", "import_postgres"],
 }
 

@@ -90,8 +90,9 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
 
     async def _load(self, sources: SourceReader) -> None:
         record, settings = self.record, self.settings
+        chunks = sources.read_from(record.input.url, _read_from(record))
         blocks = owned_blocks(
-            sources.read_from(record.input.url, _read_from(record)),
+            chunks,
             start=record.start,
             end=record.end,
             offset=record.offset,
@@ -134,6 +135,8 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
             record.offset = record.end if record.offset < record.end else record.offset
             await self._checkpoint()
         finally:
+            await blocks.aclose()  # the input is closed now, whatever stopped the loop
+            await chunks.aclose()
             if self._writing is not None:  # failing: the write still ends before the worker
                 with contextlib.suppress(Exception):  # records the failure
                     await asyncio.shield(self._writing)

@@ -24,3 +24,6 @@ def configure(level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # The Azure SDK logs every request and response (headers included) at INFO: some
+    # twenty lines per staged block. Its warnings and errors still come through.
+    logging.getLogger("azure").setLevel(logging.WARNING)

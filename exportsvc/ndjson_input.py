@@ -12,7 +12,7 @@ checked and stamped off the event loop in one call (:func:`prepare_block`).
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,7 +78,7 @@ async def owned_blocks(
     block_bytes: int,
     block_lines: int,
     flush: Callable[[], bool] | None = None,
-) -> AsyncIterator[Block]:
+) -> AsyncGenerator[Block, None]:
     """The lines of ``[start, end)`` from ``offset`` on (a line start, or ``start``) in
     blocks of at most ``block_bytes`` bytes (or one longer line) and ``block_lines`` lines;
     ``chunks`` are the input's bytes from ``read_position(start, offset)``. A line longer

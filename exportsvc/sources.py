@@ -20,7 +20,7 @@ import hashlib
 import ipaddress
 import re
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,7 +178,7 @@ class SourceReader:
         except Exception as exc:
             raise InputError(f"input {_short(url)} is unreachable: {type(exc).__name__}") from exc
 
-    async def read_from(self, url: str, offset: int) -> AsyncIterator[bytes]:
+    async def read_from(self, url: str, offset: int) -> AsyncGenerator[bytes, None]:
         """The input's bytes from ``offset`` to its end, in chunks."""
         kind = self.check(url)
         if kind == "file":

@@ -207,11 +207,14 @@ class PostgresCluster:
     def _accepts(self) -> bool:
         return self._psql("SELECT 1").returncode == 0
 
-    def create_database(self, name: str) -> str:
-        """Create an empty database (``name``: a plain lower-case identifier); its DSN."""
-        if not _IDENTIFIER.match(name):
-            raise ValueError(f"not a plain database name: {name!r}")
-        done = self._psql(f'CREATE DATABASE "{name}"')
+    def create_database(self, name: str, template: str | None = None) -> str:
+        """Create a database (``name``: a plain lower-case identifier), empty or a copy of
+        database ``template`` (which nobody may be connected to); its DSN."""
+        for identifier in (name, template or name):
+            if not _IDENTIFIER.match(identifier):
+                raise ValueError(f"not a plain database name: {identifier!r}")
+        copy = f' TEMPLATE "{template}"' if template else ""
+        done = self._psql(f'CREATE DATABASE "{name}"{copy}')
         if done.returncode != 0:
             raise RuntimeError(f"CREATE DATABASE {name} failed:\n{done.stderr}")
         return self.dsn_for(name)

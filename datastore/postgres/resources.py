@@ -19,17 +19,26 @@ change again except for ``next_seq``, which a later writer only sets to a number
 (in the same transaction that inserts that successor). ``seq <= S AND (next_seq IS NULL
 OR next_seq > S)`` is thus stable for the whole export. Readers take no lock.
 
+Writes are set-based. :meth:`write` prepares every resource off the event loop
+(:mod:`datastore.postgres.staging`: its bytes around the version number, its content hash,
+its compartments), stages the batch in temporary tables (binary ``COPY`` for large
+batches, one ``INSERT ... SELECT unnest`` for small ones) before it takes the lock, and
+then, under the lock, one ``merge`` statement (``sql/resources.sql``) does what writing
+them one by one would: it skips what a later line of the same import already wrote,
+compares contents by hash with the version before (stored, or staged earlier for the same
+id), numbers the changed ones, supersedes their predecessors and records the import
+positions, and inserts the versions and their compartment rows. An import's checkpoint is
+saved in the same transaction, fenced by its lease. No resource goes to Python and back.
+
 The cost is one writer at a time, which the SQLite backend has too; a write is one
-transaction of a handful of statements whatever the batch size (bulk lookups by
-``id = ANY($2)``, one ``UPDATE ... FROM unnest(...)`` for the superseded versions, binary
-``COPY`` of large batches), so throughput comes from batching, not from parallel writers.
+transaction of a handful of statements whatever the batch size, so throughput comes from
+batching, not from parallel writers.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +46,7 @@ import orjson
 
 from datastore.postgres.db import Connection, PostgresDatabase, queries
 from datastore.postgres.operations import save_args
+from datastore.postgres.staging import Staged, content_hash, new_marker, stage
 from datastore.resources import (
     MAX_TIME,
     MIN_TIME,
@@ -53,7 +63,7 @@ from datastore.resources import (
     WriteResult,
     to_micros,
 )
-from datastore.versioning import new_version
+from datastore.versioning import content_without_meta
 from exportsvc.errors import LeaseLost
 from exportsvc.records import utcnow
 
@@ -61,20 +71,8 @@ Q = queries("resources.sql")
 OPS = queries("operations.sql")
 
 COPY_THRESHOLD = 1000
-"""From this many rows on, versions and compartment rows go in by binary ``COPY``."""
-
-_VERSION_COLUMNS = (
-    "seq",
-    "type",
-    "id",
-    "version",
-    "last_updated",
-    "deleted",
-    "raw",
-    "next_seq",
-    "import_job",
-    "import_pos",
-)
+"""From this many rows on, a write stages its resources and their compartment rows
+by binary ``COPY``; smaller batches by one ``INSERT``."""
 
 
 def _filter_args(query: ExportQuery) -> tuple[str, list[Any], list[Any]]:
@@ -138,47 +136,54 @@ class PostgresResourceStore(ResourceStore):
         batch = list(resources)
         if not batch and checkpoint is None:
             return WriteResult()
-        now = utcnow()
-        wanted: dict[str, set[str]] = {}
-        for resource in batch:
-            wanted.setdefault(str(resource.get("resourceType")), set()).add(str(resource.get("id")))
+        # Parsing and serialising the batch is CPU work: off the event loop, and before
+        # the write lock is taken.
+        staged, distinct = await asyncio.to_thread(_stage_all, batch, utcnow(), keep_last_updated)
+        positions: list[int | None] = [*origin.positions] if origin else [None] * len(batch)
         async with self.db.transaction() as conn:
+            await conn.execute(Q["create_staging"])
+            await self._stage(conn, staged, positions)
             await conn.execute(Q["lock_writes"])
-            current: dict[tuple[str, str], list[Any]] = {}
-            for type_, ids in wanted.items():
-                for id_, *found in await conn.fetch(Q["current_versions"], type_, list(ids)):
-                    current[(type_, id_)] = found  # seq, version, raw, import_job, import_pos
+            await self._hash_legacy(conn)
             first = int(await conn.fetchval(Q["current_seq"]))
-            # Parsing and serialising the batch is CPU work: off the event loop.
-            plan = await asyncio.to_thread(
-                _plan, batch, current, first, now, keep_last_updated, origin
-            )
-            if plan.superseded:
-                seqs, successors = zip(*plan.superseded, strict=True)
-                await conn.execute(Q["supersede_many"], seqs, successors)
-            if plan.moved:
-                jobs, positions = zip(*plan.moved.values(), strict=True)
-                await conn.execute(Q["set_import_pos"], jobs, positions, list(plan.moved))
-            await self._insert(conn, plan)
+            job = origin.job_id if origin else None
+            versions = await conn.fetch(Q["merge_distinct" if distinct else "merge"], first, job)
             if checkpoint is not None:
-                saved = await conn.fetchval(OPS["save"], *save_args(checkpoint(plan.result)))
+                result = _result(len(batch), versions)
+                saved = await conn.fetchval(OPS["save"], *save_args(checkpoint(result)))
                 if saved is None:
                     raise LeaseLost()  # rolls the whole write back
-        return plan.result
+                return result
+        return _result(len(batch), versions)
 
-    async def _insert(self, conn: Connection, plan: _Plan) -> None:
-        if len(plan.rows) >= self.copy_threshold:
-            await conn.copy_records_to_table(
-                "resources", records=plan.rows, columns=_VERSION_COLUMNS
+    async def _stage(
+        self, conn: Connection, staged: list[Staged], positions: list[int | None]
+    ) -> None:
+        rows = [
+            (i, s.type, s.id, s.last_updated, s.head, s.tail, s.content_hash, positions[i])
+            for i, s in enumerate(staged)
+        ]
+        patients = [(i, p) for i, s in enumerate(staged) for p in s.patients]
+        if len(rows) >= self.copy_threshold:
+            await conn.copy_records_to_table("write_staging", records=rows)
+        elif rows:
+            await conn.execute(Q["stage"], *zip(*rows, strict=True))
+        if len(patients) >= self.copy_threshold:
+            await conn.copy_records_to_table("write_staging_patients", records=patients)
+        elif patients:
+            await conn.execute(Q["stage_patients"], *zip(*patients, strict=True))
+
+    async def _hash_legacy(self, conn: Connection) -> None:
+        """Hash the current versions of staged resources that have no content hash:
+        written before migration 0003, or by an older process beside this one."""
+        if not await conn.fetchval(Q["any_unhashed"]):
+            return
+        legacy = await conn.fetch(Q["unhashed"])
+        if legacy:
+            hashes = await asyncio.to_thread(
+                lambda: [content_hash(content_without_meta(orjson.loads(r[1]))) for r in legacy]
             )
-        elif plan.rows:
-            await conn.execute(Q["insert_versions"], *zip(*plan.rows, strict=True))
-        if len(plan.patients) >= self.copy_threshold:
-            await conn.copy_records_to_table(
-                "resource_patients", records=plan.patients, columns=("patient_id", "seq")
-            )
-        elif plan.patients:
-            await conn.execute(Q["insert_patients"], *zip(*plan.patients, strict=True))
+            await conn.execute(Q["set_hashes"], [r[0] for r in legacy], hashes)
 
     async def delete(self, type_: str, id_: str) -> bool:
         async with self.db.transaction() as conn:
@@ -287,66 +292,21 @@ class PostgresResourceStore(ResourceStore):
             after = records[-1][0]
 
 
-@dataclass(slots=True)
-class _Plan:
-    result: WriteResult = field(default_factory=WriteResult)
-    rows: list[list[Any]] = field(default_factory=list)
-    """New versions: seq, type, id, version, last_updated, deleted, raw, next_seq."""
-    superseded: list[tuple[int, int]] = field(default_factory=list)
-    """(seq of a stored version, seq of its successor)."""
-    patients: list[tuple[str, int]] = field(default_factory=list)
-    moved: dict[int, tuple[str, int]] = field(default_factory=dict)
-    """Stored versions an import confirmed unchanged: seq -> (import_job, import_pos)."""
+def _stage_all(
+    batch: list[Mapping[str, Any]], now: datetime, keep_last_updated: bool
+) -> tuple[list[Staged], bool]:
+    """The batch staged, and whether it names each resource once."""
+    marker = new_marker()
+    staged = [stage(r, now, keep_last_updated=keep_last_updated, marker=marker) for r in batch]
+    return staged, len({(s.type, s.id) for s in staged}) == len(staged)
 
 
-def _plan(
-    batch: list[Mapping[str, Any]],
-    current: dict[tuple[str, str], list[Any]],
-    first: int,
-    now: datetime,
-    keep_last_updated: bool,
-    origin: Origin | None,
-) -> _Plan:
-    """Number the new versions of ``batch`` from ``first + 1`` (pure: no I/O).
-
-    ``current`` maps each stored resource to ``[seq, version, raw, import_job,
-    import_pos]`` of its current version; it is updated as the batch goes.
-    """
-    plan = _Plan()
-    seq = first
-    for index, resource in enumerate(batch):
-        key = (str(resource.get("resourceType")), str(resource.get("id")))
-        previous = current.get(key)
-        job, pos = (origin.job_id, origin.positions[index]) if origin else (None, None)
-        if previous and origin and previous[3] == job and previous[4] > pos:
-            plan.result.unchanged += 1  # a later line of this import already wrote it
-            continue
-        version = new_version(
-            resource,
-            (previous[1], previous[2]) if previous else None,
-            now,
-            keep_last_updated=keep_last_updated,
-        )
-        if version is None:
-            plan.result.unchanged += 1
-            if previous and origin:
-                previous[3:5] = [job, pos]
-                if previous[0] <= first:
-                    plan.moved[previous[0]] = (str(job), int(pos or 0))
-                else:
-                    plan.rows[previous[0] - first - 1][8:10] = [job, pos]
-            continue
-        seq += 1
-        if previous and previous[0] > first:  # written earlier in this same batch
-            plan.rows[previous[0] - first - 1][7] = seq
-        elif previous:
-            plan.superseded.append((previous[0], seq))
-        plan.result.updated += bool(previous)
-        plan.result.created += not previous
-        plan.rows.append(
-            [seq, *key, version.version, version.last_updated, False, version.raw, None, job, pos]
-        )
-        plan.patients.extend((p, seq) for p in version.patients)
-        current[key] = [seq, version.version, version.raw, job, pos]
-        plan.result.versions.append((version.type, version.id, version.version))
-    return plan
+def _result(staged: int, versions: list[Any]) -> WriteResult:
+    """The merge's new versions (type, id, version, created) as a write's result."""
+    created = sum(1 for v in versions if v[3])
+    return WriteResult(
+        created=created,
+        updated=len(versions) - created,
+        unchanged=staged - len(versions),
+        versions=[(str(v[0]), str(v[1]), int(v[2])) for v in versions],
+    )

@@ -208,6 +208,11 @@ class Store:
                 selected[key] = raw
         return selected
 
+    def version_counts(self) -> dict[Key, int]:
+        """(type, id) → how many versions the store holds."""
+        rows = self._query("SELECT type, id, count(*) FROM resources GROUP BY type, id")
+        return {(t, i): n for t, i, n in rows}
+
     def write_locked(self) -> bool:
         """Whether another process holds the database's write lock right now.
 
@@ -815,7 +820,16 @@ class PostgresStore(Store):
         return {(t, i): bytes(raw) for t, i, raw in rows if wanted is None or t in wanted}
 
     def write_locked(self) -> bool:
-        raise NotImplementedError("a SQLite question: PostgreSQL has no database write lock")
+        """Whether another session of the database is inside a transaction or a statement
+        right now (holding whatever locks it took): PostgreSQL has no one write lock, and
+        a process stopped there would block others on the rows or advisory lock it holds.
+        An idle session, such as a worker's LISTEN connection, holds none."""
+        rows = self._query(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend' AND state <> 'idle'"
+        )
+        return bool(rows[0][0])
 
 
 class PostgresDatabases:

@@ -497,9 +497,9 @@ def test_sigterm_drains_the_worker_and_another_resumes(
 def stall(worker: LiveWorker, units: Units, attempts: int = 50) -> tuple[str, dict[str, Any]]:
     """SIGSTOP ``worker`` while it holds a unit past its first page, and no database lock.
 
-    A process stalled inside a SQLite write transaction blocks every other writer (that
-    is SQLite, not the lease protocol under test), so stop it between transactions.
-    Returns the unit it holds and that unit's row.
+    A process stalled inside a write transaction blocks other writers (that is the
+    database, not the lease protocol under test), so stop it between transactions
+    (``Store.write_locked``). Returns the unit it holds and that unit's row.
     """
     owner = owner_of(worker)
     for _ in range(attempts):
@@ -521,31 +521,77 @@ def stall(worker: LiveWorker, units: Units, attempts: int = 50) -> tuple[str, di
     pytest.fail(f"{worker.name} never stopped outside a database write holding one unit")
 
 
-def test_a_stalled_worker_cannot_write_beside_the_new_owner(
-    large_seeded_template: Path,
-    tmp_path: Path,
-    start_exportsvc: ServerFactory,
-    start_worker: WorkerFactory,
-) -> None:
-    # One job at a time per worker, so the stalled one holds exactly one unit.
-    api = start_exportsvc.api_only(
-        fresh_data(large_seeded_template, tmp_path),
-        **settings(lease_seconds="1", max_failures="1000", worker_concurrency="1"),
-    )
-    status_url = api.kick_off("GET", EXPORT_PATH)
-    job = job_id_of(status_url)
-    units = Units(api, job)
-    folder = output_folder(api, job)
+def stalled_settings(**overrides: str) -> dict[str, str]:
+    """One job at a time per worker (the stalled one holds exactly one unit), a 1 s lease,
+    and retries that never give up."""
+    return settings(lease_seconds="1", max_failures="1000", worker_concurrency="1") | overrides
+
+
+@dataclass(frozen=True)
+class Stalled:
+    """A worker SIGSTOPped past its lease, holding ``unit`` as its row ``row`` says."""
+
+    zombie: LiveWorker
+    unit: str
+    row: dict[str, Any]
+
+    @property
+    def version(self) -> int:
+        return int(self.row["lease_version"])
+
+    @property
+    def at(self) -> int:
+        return int(self.row["record"]["pages_read"])
+
+
+def stall_past_its_lease(api: LiveServer, start_worker: WorkerFactory, units: Units) -> Stalled:
+    """A worker that checkpointed some pages of the export, stopped (SIGSTOP) outside any
+    database transaction, until its lease has expired."""
     zombie = start_worker(api)
     zombie.wait_for("job.checkpoint", progressed(units))
     unit, row = stall(zombie, units)
-    version, at = row["lease_version"], row["record"]["pages_read"]
-    sizes = file_sizes(folder)
     wait_until(
-        lambda: (api.store.job(unit)["lease_expires"] or 0) < time.time() - 0.1,
+        lambda: (units.store.job(unit)["lease_expires"] or 0) < time.time() - 0.1,
         "the stalled worker's lease to expire",
         timeout=10,
     )
+    return Stalled(zombie, unit, row)
+
+
+def assert_woke_and_wrote_nothing(
+    stalled: Stalled, others: list[LiveWorker], units: Units, *, logged: LogEvent
+) -> None:
+    """After the job finished: the stalled worker, woken, logged ``logged`` (its lease
+    lost) and persisted nothing under its old lease; every start resumed the last
+    checkpoint, and the new owner's first start resumed where the stalled one stopped."""
+    zombie, unit, version, at = stalled.zombie, stalled.unit, stalled.version, stalled.at
+    assert logged.event == "job.lease_lost", logged
+    for worker in (zombie, *others):
+        assert worker.stop() == 0, worker.stderr()
+    late = zombie.log.events(
+        "job.checkpoint", lambda e: e.number("pages_read") > at, job=unit, version=str(version)
+    )
+    assert not late, "\n".join(map(str, late))
+    logs = [zombie.log.events(), *(w.log.events() for w in others)]
+    lifecycle = of_units(logs, units, "job.started", "job.checkpoint")
+    mismatches = resume_mismatches(lifecycle)
+    assert not mismatches, "\n".join(map(str, mismatches))
+    later = [s for s in starts_by_unit(lifecycle)[unit] if s.number("version") > version]
+    assert later and later[0].number("pages_read") == at, (later[:1], at)
+
+
+def stalled_worker_on_the_filesystem(
+    api: LiveServer, start_worker: WorkerFactory, status_url: str
+) -> None:
+    """The stalled worker still holds its files' ``flock``: the new owner is refused
+    (``retriable``, "locked by another worker") and keeps trying without writing a byte;
+    woken, the stalled worker finds its lease gone and stops; the new owner finishes."""
+    job = job_id_of(status_url)
+    units = Units(api, job)
+    folder = output_folder(api, job)
+    stalled = stall_past_its_lease(api, start_worker, units)
+    unit = stalled.unit
+    sizes = file_sizes(folder)
 
     second = start_worker(api)
 
@@ -563,28 +609,28 @@ def test_a_stalled_worker_cannot_write_beside_the_new_owner(
     )
     second.wait_for("job.retriable", job=unit)
     assert not second.log.events("job.started", job=unit), "it started beside the stalled one"
-    assert api.store.job(unit)["record"]["pages_read"] == at
+    assert api.store.job(unit)["record"]["pages_read"] == stalled.at
     changed = {n: (s, file_sizes(folder).get(n)) for n, s in sizes.items()}
     changed = {n: v for n, v in changed.items() if v[0] != v[1]}
     assert not changed, f"files changed while their owner was stalled: {changed}"
 
-    zombie.signal(signal.SIGCONT)
-    zombie.wait_for("job.lease_lost", job=unit)
+    stalled.zombie.signal(signal.SIGCONT)
+    logged = stalled.zombie.wait_for("job.lease_lost", job=unit)
     assert_complete_and_valid(api, status_url)
-    for worker in (zombie, second):
-        assert worker.stop() == 0, worker.stderr()
+    assert_woke_and_wrote_nothing(stalled, [second], units, logged=logged)
 
-    # The stalled worker persisted nothing under its old lease after it stalled.
-    late = zombie.log.events(
-        "job.checkpoint", lambda e: e.number("pages_read") > at, job=unit, version=str(version)
+
+def test_a_stalled_worker_cannot_write_beside_the_new_owner(
+    large_seeded_template: Path,
+    tmp_path: Path,
+    start_exportsvc: ServerFactory,
+    start_worker: WorkerFactory,
+) -> None:
+    api = start_exportsvc.api_only(
+        fresh_data(large_seeded_template, tmp_path), **stalled_settings()
     )
-    assert not late, "\n".join(map(str, late))
-    logs = [zombie.log.events(), second.log.events()]
-    lifecycle = of_units(logs, units, "job.started", "job.checkpoint")
-    mismatches = resume_mismatches(lifecycle)
-    assert not mismatches, "\n".join(map(str, mismatches))
-    later = [s for s in starts_by_unit(lifecycle)[unit] if s.number("version") > version]
-    assert later and later[0].number("pages_read") == at, (later[:1], at)
+    status_url = api.kick_off("GET", EXPORT_PATH)
+    stalled_worker_on_the_filesystem(api, start_worker, status_url)
 
 
 # -- 4. pause and resume over HTTP, across a server restart -------------------------------

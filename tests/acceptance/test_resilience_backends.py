@@ -1,8 +1,10 @@
-"""The kill -9 loop and the SIGTERM drain of test_resilience.py, on the other backends and
-for ``$import`` (DESIGN.md 4-6).
+"""The kill -9 loop, the SIGTERM drain and the stalled worker of test_resilience.py, on the
+other backends and for ``$import`` (DESIGN.md 4-6).
 
 test_resilience.py proves the core promise with real processes on SQLite and the
-filesystem destination. The same two scenarios run here:
+filesystem destination. The same scenarios run here (the stalled worker on PostgreSQL,
+with the filesystem and with Azure Blob Storage; ``api_on`` starts the service on any
+store):
 
 - with an Azure Blob destination (Azurite). After every kill, each file a record says is
   committed is its blob's committed block list up to the recorded blocks and bytes (what
@@ -10,9 +12,9 @@ filesystem destination. The same two scenarios run here:
   URL and equals the store, nothing the manifest does not list is left under the job's
   prefix, and ``exportsvc validate`` agrees;
 - with PostgreSQL as the store (both stores; filesystem destination), checked as on SQLite;
-- for ``$import`` (SQLite, filesystem): ndjson inputs with broken lines (malformed JSON,
-  wrong type, invalid id), 64 KiB batches and a commit every 50 lines, so kills land
-  mid-batch. At the end ``exportsvc validate`` finds every resource and every refused
+- for ``$import`` (SQLite and PostgreSQL, filesystem): ndjson inputs with broken lines
+  (malformed JSON, wrong type, invalid id), 64 KiB batches and a commit every 50 lines,
+  so kills land mid-batch. At the end ``exportsvc validate`` finds every resource and every refused
   line reported exactly once, and no resource has more than its one version.
 
 Every kill loop checks, as the filesystem one does: the next start of each unit a killed
@@ -40,11 +42,9 @@ import json
 import random
 import shutil
 import signal
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +86,7 @@ from .test_resilience import (
     Units,
     assert_complete_and_valid,
     assert_resumed_at,
+    assert_woke_and_wrote_nothing,
     file_sizes,
     of_units,
     output_folder,
@@ -94,6 +95,9 @@ from .test_resilience import (
     progressed,
     resume_mismatches,
     settings,
+    stall_past_its_lease,
+    stalled_settings,
+    stalled_worker_on_the_filesystem,
     starts_by_unit,
     stop_points,
     troubles,
@@ -347,6 +351,28 @@ def assert_follows_its_items(parent: dict[str, Any]) -> None:
     )
 
 
+# -- the service on a backend ---------------------------------------------------------------
+
+
+def api_on(
+    start_exportsvc: ServerFactory, tmp_path: Path, store: Path | str | None, **options: str
+) -> LiveServer:
+    """``serve --no-worker`` on ``store``: a seeded SQLite data dir (a template, copied), a
+    PostgreSQL DSN (both stores in it; its ``store`` then reads that database) or None (a
+    new, empty SQLite store). The destination is the filesystem unless ``options`` say
+    otherwise (``AzureContainer``)."""
+    data_dir = tmp_path / "data"
+    if isinstance(store, Path):
+        shutil.copytree(store, data_dir)
+        return start_exportsvc.api_only(data_dir, **options)
+    data_dir.mkdir()
+    if store is None:
+        return start_exportsvc.api_only(data_dir, **options)
+    api = start_exportsvc.api_only(data_dir, **options, **postgres_settings(store))
+    api.store = PostgresStore.of(store)
+    return api
+
+
 # -- destinations, looked at right after a kill -------------------------------------------
 
 
@@ -492,12 +518,6 @@ def azure_container(azurite: Azurite) -> AzureContainer:
     return AzureContainer(azurite)
 
 
-def copy_of(template: Path, tmp_path: Path) -> Path:
-    data_dir = tmp_path / "data"
-    shutil.copytree(template, data_dir)
-    return data_dir
-
-
 def test_kill_9_loop_on_azure_blob(
     seeded_templates: SeededTemplates,
     azure_container: AzureContainer,
@@ -507,8 +527,10 @@ def test_kill_9_loop_on_azure_blob(
 ) -> None:
     # One resource a page and 1 KiB blocks: blocks are staged between the commits, and a
     # restart must drop them (and any block list committed after the last checkpoint).
-    api = start_exportsvc.api_only(
-        copy_of(seeded_templates(AZURE_PATIENTS), tmp_path),
+    api = api_on(
+        start_exportsvc,
+        tmp_path,
+        seeded_templates(AZURE_PATIENTS),
         **settings(page_size="1", block_bytes="1024", lease_seconds="1"),
         **azure_container.settings(),
     )
@@ -535,8 +557,10 @@ def test_sigterm_drain_on_azure_blob(
     start_exportsvc: ServerFactory,
     start_worker: WorkerFactory,
 ) -> None:
-    api = start_exportsvc.api_only(
-        copy_of(seeded_templates(AZURE_PATIENTS), tmp_path),
+    api = api_on(
+        start_exportsvc,
+        tmp_path,
+        seeded_templates(AZURE_PATIENTS),
         **settings(block_bytes="4096"),
         **azure_container.settings(),
     )
@@ -557,17 +581,6 @@ def test_sigterm_drain_on_azure_blob(
 # -- export with PostgreSQL as the store --------------------------------------------------
 
 
-def on_postgres(
-    start_exportsvc: ServerFactory, tmp_path: Path, dsn: str, **options: str
-) -> LiveServer:
-    """``serve --no-worker`` on ``dsn``, its ``store`` reading that database."""
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    api = start_exportsvc.api_only(data_dir, **options, **postgres_settings(dsn))
-    api.store = PostgresStore.of(dsn)
-    return api
-
-
 def test_kill_9_loop_on_postgres(
     postgres_databases: PostgresDatabases,
     tmp_path: Path,
@@ -584,7 +597,7 @@ def test_kill_9_loop_on_postgres(
         lease_seconds="1",
         commit_every_pages=str(POSTGRES_COMMIT_EVERY_PAGES),
     )
-    api = on_postgres(start_exportsvc, tmp_path, postgres_databases(POSTGRES_PATIENTS), **options)
+    api = api_on(start_exportsvc, tmp_path, postgres_databases(POSTGRES_PATIENTS), **options)
     status_url = api.kick_off("GET", EXPORT_PATH)
     job = job_id_of(status_url)
     loop = KillLoop(api, Units(api, job), start_worker, pages_read, on_disk(api, job))
@@ -605,9 +618,7 @@ def test_sigterm_drain_on_postgres(
     start_exportsvc: ServerFactory,
     start_worker: WorkerFactory,
 ) -> None:
-    api = on_postgres(
-        start_exportsvc, tmp_path, postgres_databases(POSTGRES_PATIENTS), **settings()
-    )
+    api = api_on(start_exportsvc, tmp_path, postgres_databases(POSTGRES_PATIENTS), **settings())
     status_url = api.kick_off("GET", EXPORT_PATH)
     units = Units(api, job_id_of(status_url))
     drain_then_resume(
@@ -638,9 +649,7 @@ def test_a_planned_export_holds_no_lease_on_postgres(
     must not report it lost either: the planning gave it back. Several small exports, so
     one lucky interleaving does not hide either.
     """
-    api = on_postgres(
-        start_exportsvc, tmp_path, postgres_databases(POSTGRES_PATIENTS), **settings()
-    )
+    api = api_on(start_exportsvc, tmp_path, postgres_databases(POSTGRES_PATIENTS), **settings())
     worker = start_worker(api)
     status_urls = [
         api.kick_off("GET", f"/$export?_type={types}")
@@ -665,6 +674,83 @@ def test_a_planned_export_holds_no_lease_on_postgres(
         f"{len({e.fields['job'] for e in trouble})} of {len(jobs)} exports had trouble after "
         "their planning released them:\n" + "\n".join(map(str, trouble))
     )
+
+
+def test_a_stalled_worker_cannot_write_beside_the_new_owner_on_postgres(
+    postgres_databases: PostgresDatabases,
+    tmp_path: Path,
+    start_exportsvc: ServerFactory,
+    start_worker: WorkerFactory,
+) -> None:
+    """test_resilience's stalled worker with PostgreSQL as the store: the lease and its
+    fencing live in PostgreSQL, the files' lock on the filesystem."""
+    api = api_on(
+        start_exportsvc, tmp_path, postgres_databases(POSTGRES_PATIENTS), **stalled_settings()
+    )
+    status_url = api.kick_off("GET", EXPORT_PATH)
+    stalled_worker_on_the_filesystem(api, start_worker, status_url)
+
+
+def test_a_stalled_worker_cannot_write_beside_the_new_owner_on_azure_blob(
+    postgres_databases: PostgresDatabases,
+    azure_container: AzureContainer,
+    tmp_path: Path,
+    start_exportsvc: ServerFactory,
+    start_worker: WorkerFactory,
+) -> None:
+    """The scale-out set-up (PostgreSQL, Azure Blob Storage) with a stalled worker.
+
+    A blob has no lock a stalled writer keeps: the new owner takes the unit over at once,
+    re-commits the recorded block lists and goes on. The stalled worker is woken while the
+    new owner works; it finds its lease gone and stops. Whatever it staged or tried to
+    commit stays out: the blobs hold no block of its session beyond those the record
+    held when it stalled, and the export equals the store.
+    """
+    api = api_on(
+        start_exportsvc,
+        tmp_path,
+        postgres_databases(POSTGRES_PATIENTS),
+        **stalled_settings(),
+        **azure_container.settings(),
+    )
+    status_url = api.kick_off("GET", EXPORT_PATH)
+    job = job_id_of(status_url)
+    units = Units(api, job)
+    stalled = stall_past_its_lease(api, start_worker, units)
+    recorded = {f["name"]: f["committed_blocks"] for f in stalled.row["record"]["output"]}
+    sessions = {block.rsplit("-", 1)[0] for ids in recorded.values() for block in ids}
+    assert sessions, f"nothing committed before the stall: {stalled.row['record']['output']}"
+
+    second = start_worker(api)
+    second.wait_for(
+        "job.checkpoint",
+        lambda e: e.number("version") > stalled.version and e.number("pages_read") > stalled.at,
+        job=stalled.unit,
+    )
+    assert api.admin_job(job)["status"] == "running", "the new owner finished too soon"
+    stalled.zombie.signal(signal.SIGCONT)
+    logged = stalled.zombie.wait_for("job.lease_lost", job=stalled.unit)
+    azure_container.assert_complete_and_valid(api, status_url)
+
+    blobs = azure_container.blobs(job)
+    stray = {
+        name: ids
+        for name, blob in blobs.items()
+        if (
+            ids := [
+                i
+                for i, _ in blob.committed
+                if i.rsplit("-", 1)[0] in sessions and i not in recorded.get(name, [])
+            ]
+        )
+    }
+    assert not stray, f"blocks of the stalled worker committed after it stalled: {stray}"
+    assert_woke_and_wrote_nothing(stalled, [second], units, logged=logged)
+    # The workers' logs are the service's events, not a line per Azure request.
+    chatter = [
+        e for w in (stalled.zombie, second) for e in w.log.events() if e.logger.startswith("azure")
+    ]
+    assert all(e.level in ("WARNING", "ERROR") for e in chatter), "\n".join(map(str, chatter[:5]))
 
 
 # -- $import ------------------------------------------------------------------------------
@@ -828,9 +914,7 @@ def import_commit(before: LogEvent | None, started: LogEvent) -> bool:
 
 def versions(api: LiveServer) -> dict[Key, int]:
     """(type, id) → how many versions the store holds."""
-    with closing(sqlite3.connect(f"file:{api.store.path}?mode=ro", uri=True)) as db:
-        rows = db.execute("SELECT type, id, count(*) FROM resources GROUP BY type, id")
-        return {(t, i): n for t, i, n in rows.fetchall()}
+    return api.store.version_counts()
 
 
 def import_after_kill(api: LiveServer) -> AfterKill:
@@ -898,15 +982,24 @@ def import_inputs(tmp_path: Path) -> ImportInputs:
     return write_inputs(tmp_path / "inputs", lines_per_file=3000)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def import_store(request: pytest.FixtureRequest) -> str | None:
+    """Where an import goes: a new SQLite store (None), or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    databases: PostgresDatabases = request.getfixturevalue("postgres_databases")
+    return databases(0)
+
+
 def test_kill_9_loop_on_import(
     import_inputs: ImportInputs,
+    import_store: str | None,
     tmp_path: Path,
     start_exportsvc: ServerFactory,
     start_worker: WorkerFactory,
 ) -> None:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    api = start_exportsvc.api_only(data_dir, **import_settings(import_inputs, lease_seconds="1"))
+    options = import_settings(import_inputs, lease_seconds="1")
+    api = api_on(start_exportsvc, tmp_path, import_store, **options)
     status_url = kick_off_import(api, import_inputs)
     units = Units(api, job_id_of(status_url))
     assert len(units.work()) > 3 * len(import_inputs.files), "too few batches"
@@ -924,15 +1017,14 @@ def test_kill_9_loop_on_import(
 
 def test_sigterm_drain_on_import(
     import_inputs: ImportInputs,
+    import_store: str | None,
     tmp_path: Path,
     start_exportsvc: ServerFactory,
     start_worker: WorkerFactory,
 ) -> None:
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
     # Batches of 64 KiB last some 50 ms: too short for a SIGTERM to find one midway.
     options = import_settings(import_inputs, import_batch_bytes=str(8 * IMPORT_BATCH_BYTES))
-    api = start_exportsvc.api_only(data_dir, **options)
+    api = api_on(start_exportsvc, tmp_path, import_store, **options)
     status_url = kick_off_import(api, import_inputs)
     units = Units(api, job_id_of(status_url))
 

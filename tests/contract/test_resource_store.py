@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
-from datastore.resources import BlockQuery, ExportQuery, ResourceStore
+from datastore.resources import BlockQuery, ExportQuery, Origin, ResourceStore, WriteResult
 from datastore.versioning import Stamp, first_version
 
 
@@ -321,3 +323,93 @@ async def test_seeded_versions_keep_their_lastupdated(resources: ResourceStore) 
     await resources.write_versions([first_version(patient("old"), stamp)])
     page = await resources.page(ExportQuery("Patient", await resources.current_seq()), 0, 10)
     assert orjson.loads(page.raws[0])["meta"]["lastUpdated"] == "2020-05-01T00:00:00.000Z"
+
+
+STAMP = re.compile(rb'"lastUpdated":"[^"]*"')
+
+
+def shuffled(resource: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """The same resource with its keys (at the top and in ``name``) in another order."""
+    keys = list(resource)
+    rng.shuffle(keys)
+    out = {k: resource[k] for k in keys}
+    out["name"] = [dict(reversed(list(n.items()))) for n in resource["name"]]
+    return out
+
+
+def random_patient(rng: random.Random, prefix: str) -> dict[str, Any]:
+    """One of a few ids, names and lastUpdated stamps: batches repeat ids, contents change
+    or come back, and only the server's meta differs in many of them."""
+    resource = {
+        "resourceType": "Patient",
+        "id": f"{prefix}{rng.randrange(4)}",
+        "name": [{"family": rng.choice("ABC"), "given": ["g"]}],
+        "meta": {"lastUpdated": f"2024-01-0{rng.randrange(1, 4)}T00:00:00.000Z"},
+    }
+    if rng.random() < 0.3:
+        resource["meta"]["tag"] = [{"code": "t"}]
+    return shuffled(resource, rng) if rng.random() < 0.5 else resource
+
+
+async def histories(resources: ResourceStore, prefix: str) -> dict[str, list[Any]]:
+    """Each resource of ``prefix``: its versions in order (number, deleted, bytes with the
+    prefix and the server's lastUpdated taken out: it is the time of each write, unless
+    kept), checked to chain (each superseded by the next, the last current)."""
+    versions: dict[str, list[Any]] = {}
+    async for v in resources.scan_versions(batch=7):
+        if v.id.startswith(prefix):
+            versions.setdefault(v.id.removeprefix(prefix), []).append(v)
+    for chain in versions.values():
+        assert [v.next_seq for v in chain] == [v.seq for v in chain[1:]] + [None], chain
+    return {
+        id_: [
+            (v.version, v.deleted, STAMP.sub(b"", (v.raw or b"").replace(prefix.encode(), b"")))
+            for v in chain
+        ]
+        for id_, chain in versions.items()
+    }
+
+
+async def test_a_batch_writes_as_its_resources_one_by_one(resources: ResourceStore) -> None:
+    """Random batches (repeated ids, unchanged and changed content, keys in any order,
+    deletions between them, import positions in any order from two imports or none)
+    leave each resource exactly the versions that writing its resources one at a time
+    leaves, and report the same counts."""
+    rng = random.Random(20261123)
+    for _ in range(60):
+        size = rng.randint(1, 12)
+        draws = [random_patient(random.Random(rng.random()), "") for _ in range(size)]
+        job = rng.choice([None, "imp-1", "imp-2"])
+        positions = [rng.randrange(100) for _ in range(size)]
+        keep = rng.random() < 0.8
+
+        def named(resource: dict[str, Any], prefix: str) -> dict[str, Any]:
+            return {**resource, "id": prefix + resource["id"]}
+
+        origin = Origin(job, positions) if job else None
+        batched = await resources.write(
+            [named(r, "b-") for r in draws], keep_last_updated=keep, origin=origin
+        )
+        one_by_one = WriteResult()
+        for resource, position in zip(draws, positions, strict=True):
+            single = await resources.write(
+                [named(resource, "s-")],
+                keep_last_updated=keep,
+                origin=Origin(job, [position]) if job else None,
+            )
+            one_by_one.created += single.created
+            one_by_one.updated += single.updated
+            one_by_one.unchanged += single.unchanged
+            one_by_one.versions += [(t, i.replace("s-", "b-"), n) for t, i, n in single.versions]
+        assert (batched.created, batched.updated, batched.unchanged) == (
+            one_by_one.created,
+            one_by_one.updated,
+            one_by_one.unchanged,
+        )
+        assert batched.versions == one_by_one.versions
+        if rng.random() < 0.2:
+            gone = f"{rng.randrange(4)}"
+            assert await resources.delete("Patient", f"b-{gone}") == await resources.delete(
+                "Patient", f"s-{gone}"
+            )
+    assert await histories(resources, "b-") == await histories(resources, "s-")

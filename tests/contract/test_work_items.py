@@ -193,6 +193,31 @@ async def test_one_batch_with_repeated_and_existing_ids(
     assert (again.created, again.updated, again.unchanged) == (0, 0, 6)
 
 
+async def test_a_later_line_wins_within_one_write(
+    stores: tuple[OperationDataStore, ResourceStore],
+) -> None:
+    _, resources = stores
+    # Equal lines at 10 and 30 in one write: the version they make (a) or confirm (b)
+    # carries the later position, so a different line at 20 written afterwards loses.
+    await resources.write([patient("b", "X")], origin=Origin("imp", [5]))
+    for id_ in ("a", "b"):
+        await resources.write(
+            [patient(id_, "X"), patient(id_, "X")], origin=Origin("imp", [10, 30])
+        )
+        await resources.write([patient(id_, "Y")], origin=Origin("imp", [20]))
+        stored = await resources.read("Patient", id_)
+        assert stored is not None and stored["name"][0]["family"] == "X", id_
+        assert stored["meta"]["versionId"] == "1", id_
+    # Within one write, in any order: 30 wins over 20 and 10, whatever comes first.
+    result = await resources.write(
+        [patient("c", "Z"), patient("c", "Y"), patient("c", "X")],
+        origin=Origin("imp", [30, 20, 10]),
+    )
+    stored = await resources.read("Patient", "c")
+    assert stored is not None and stored["name"][0]["family"] == "Z"
+    assert (result.created, result.updated, result.unchanged) == (1, 0, 2)
+
+
 async def test_write_and_checkpoint_share_a_transaction(
     stores: tuple[OperationDataStore, ResourceStore], write: Write
 ) -> None:

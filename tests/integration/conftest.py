@@ -107,17 +107,23 @@ class Harness:
         return await validate_export(view, self.runtime.resources, dest)
 
 
+async def a_postgres_database(request: pytest.FixtureRequest) -> SecretStr:
+    """A new database on the session's cluster, migrated (what ``exportsvc migrate``
+    does): the ``database_url`` setting that puts both stores in it."""
+    cluster = request.getfixturevalue("postgres")
+    dsn = await cluster.acreate_database(f"t_{uuid.uuid4().hex[:20]}")
+    migrated = PostgresDatabase(dsn, migrate=True)
+    await migrated.open()
+    await migrated.close()
+    return SecretStr(dsn)
+
+
 @pytest.fixture(params=["sqlite-filesystem", "sqlite-azure-blob", "postgres-filesystem"])
 async def harness(request: pytest.FixtureRequest, settings: Settings) -> AsyncIterator[Harness]:
     """The job stack on SQLite or PostgreSQL, writing to the filesystem or to Azurite."""
     update: dict[str, object] = {"page_size": 50, "commit_every_pages": 2}
     if request.param.startswith("postgres"):
-        cluster = request.getfixturevalue("postgres")
-        dsn = await cluster.acreate_database(f"t_{uuid.uuid4().hex[:20]}")
-        migrated = PostgresDatabase(dsn, migrate=True)  # what `exportsvc migrate` does
-        await migrated.open()
-        await migrated.close()
-        update["database_url"] = SecretStr(dsn)
+        update["database_url"] = await a_postgres_database(request)
     if request.param.endswith("azure-blob"):
         azurite = request.getfixturevalue("azurite")
         update |= {

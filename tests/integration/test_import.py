@@ -1,5 +1,5 @@
-"""$import over a real port on the embedded stack: round trip, broken lines, duplicates,
-bad requests, cancel, http inputs, retry of failed batches, a crash mid-batch."""
+"""$import over a real port, on SQLite and on PostgreSQL: round trip, broken lines,
+duplicates, bad requests, cancel, http inputs, retry of failed batches, a crash mid-batch."""
 
 from __future__ import annotations
 
@@ -23,9 +23,18 @@ from exportsvc.records import ImportBatchRecord, ImportJobRecord, JobStatus, utc
 from exportsvc.settings import Settings
 from exportsvc.sources import SourceReader
 from exportsvc.validator import ValidationReport, validate_import
+from tests.integration.conftest import a_postgres_database
 from tests.integration.test_api import ASYNC, finished, outcome, serve
 
 PREFER = {"Prefer": "respond-async", "Content-Type": "application/fhir+json"}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """Every test here on SQLite and on PostgreSQL (both stores in a new database)."""
+    if request.param == "sqlite":
+        return settings
+    return settings.model_copy(update={"database_url": await a_postgres_database(request)})
 
 
 def parameters(*urls: str, type_: str | None = None, mode: str | None = None) -> bytes:

@@ -216,6 +216,30 @@ async def test_copy_and_insert_paths_agree(db: PostgresDatabase) -> None:
     assert versions[50:] == [(f"a{i}", 2, None) for i in range(50)]
 
 
+async def test_versions_without_a_content_hash_are_compared_too(
+    db: PostgresDatabase, res: PostgresResourceStore
+) -> None:
+    """Versions written before migration 0003 (or by an older process during a rolling
+    upgrade) have no content hash; a write hashes the current ones it meets before it
+    compares."""
+    await res.write([patient("same"), patient("other"), patient("gone")])
+    assert await res.delete("Patient", "gone")
+    async with db.connection() as conn:
+        await conn.execute("UPDATE resources SET content_hash = NULL")
+    result = await res.write(
+        [patient("same"), patient("other", "Changed"), patient("gone"), patient("new")]
+    )
+    assert (result.created, result.updated, result.unchanged) == (1, 2, 1)
+    versions = {(v.id, v.version) async for v in res.scan_versions() if v.next_seq is None}
+    assert versions == {("same", 1), ("other", 2), ("gone", 3), ("new", 1)}
+    async with db.connection() as conn:
+        unhashed = await conn.fetchval(
+            "SELECT count(*) FROM resources "
+            "WHERE content_hash IS NULL AND NOT deleted AND next_seq IS NULL"
+        )
+    assert unhashed == 0
+
+
 async def test_types_skip_scan(res: PostgresResourceStore) -> None:
     await res.write([patient("p")])
     await res.write([{"resourceType": "Observation", "id": "o", "status": "final"}])

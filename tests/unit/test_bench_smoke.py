@@ -3,7 +3,8 @@
 ``bench/run.py`` runs as a subprocess with every scenario, a store of a few hundred
 resources and a temporary results folder; the test checks only that it wrote a
 well-formed result with every scenario in it, each ``ok`` (Azurite and PostgreSQL may be
-``skipped`` where they are not installed, but not under CI).
+``skipped`` where they are not installed, but not under CI). ``bench/store_writes.py``
+(the store's write path alone) runs too.
 """
 
 from __future__ import annotations
@@ -14,15 +15,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.postgres import require_binaries
+
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "bench" / "run.py"
 SCENARIOS = (
     "ideal_fs",
+    "ideal_fs_postgres",
     "ideal_azure",
     "ideal_azure_sequential",
     "ideal_import_sqlite",
     "ideal_import_postgres",
     "export_fs",
+    "export_postgres",
     "export_azure",
     "kickoff",
     "import_sqlite",
@@ -32,6 +37,8 @@ SCENARIOS = (
     "scale",
 )
 NEEDS_EXTERNAL = {
+    "ideal_fs_postgres",
+    "export_postgres",
     "ideal_azure",
     "ideal_azure_sequential",
     "export_azure",
@@ -81,5 +88,27 @@ def test_bench_runs_every_scenario_at_a_tiny_size(tmp_path: Path) -> None:
         scenario = result["scenarios"][name]
         assert scenario["resources"] > 0 and scenario["bytes"] > 0 and scenario["seconds"] > 0, name
     assert result["scenarios"]["export_fs"]["resources"] == result["resources"]
+    # The PostgreSQL store is seeded with the same data: the same bytes come out of it.
+    same = [result["scenarios"][n] for n in ("ideal_fs_postgres", "export_postgres")]
+    for scenario in [s for s in same if s["status"] == "ok"]:
+        assert (scenario["resources"], scenario["bytes"]) == (
+            result["resources"],
+            result["scenarios"]["ideal_fs"]["bytes"],
+        )
     assert result["scenarios"]["export_fs"]["peak_rss_mb"] > 0
     assert list(tmp_path.iterdir()) == [out]  # the run removed its temporary folders
+
+
+def test_store_writes_runs_at_a_tiny_size() -> None:
+    require_binaries()  # skips without PostgreSQL (fails under CI)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "store_writes.py"), "--patients", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["sqlite", "postgres"] * 2, done.stdout
+    assert all("initial" in line and "incremental" in line for line in lines[1:]), done.stdout

@@ -12,36 +12,183 @@ SELECT coalesce(max(seq), 0) FROM resources;
 SELECT seq, version, deleted FROM resources
 WHERE type = $1 AND id = $2 AND next_seq IS NULL;
 
--- name: current_versions
-SELECT id, seq, version, raw, import_job, import_pos FROM resources
-WHERE type = $1 AND id = ANY($2::text[]) AND next_seq IS NULL;
+-- name: create_staging
+-- A write's staged resources (datastore.postgres.staging) and their compartment rows:
+-- temporary tables of the session, emptied when each transaction ends. The merge's
+-- estimated cost is far above jit_above_cost (the staged rows are never analyzed), and
+-- compiling it would take longer than running it: no JIT in this transaction. Nor the
+-- notice "already exists, skipping" at every write.
+SET LOCAL jit = off;
+SET LOCAL client_min_messages = warning;
+CREATE TEMP TABLE IF NOT EXISTS write_staging (
+    idx          integer NOT NULL,
+    type         text    COLLATE "C" NOT NULL,
+    id           text    COLLATE "C" NOT NULL,
+    last_updated bigint  NOT NULL,
+    head         bytea   NOT NULL,
+    tail         bytea   NOT NULL,
+    content_hash bytea   NOT NULL,
+    import_pos   bigint
+) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS write_staging_patients (
+    idx        integer NOT NULL,
+    patient_id text    COLLATE "C" NOT NULL
+) ON COMMIT DELETE ROWS;
+
+-- name: stage
+INSERT INTO write_staging
+SELECT * FROM unnest($1::integer[], $2::text[], $3::text[], $4::bigint[], $5::bytea[],
+                     $6::bytea[], $7::bytea[], $8::bigint[]);
+
+-- name: stage_patients
+INSERT INTO write_staging_patients SELECT * FROM unnest($1::integer[], $2::text[]);
+
+-- name: any_unhashed
+SELECT EXISTS (
+    SELECT 1 FROM resources
+    WHERE content_hash IS NULL AND raw IS NOT NULL AND next_seq IS NULL
+);
+
+-- name: unhashed
+-- Current versions of staged resources that have no content hash yet (migration 0003).
+SELECT DISTINCT r.seq, r.raw FROM write_staging AS s
+CROSS JOIN LATERAL (
+    SELECT r.seq, r.raw FROM resources AS r
+    WHERE r.type = s.type AND r.id = s.id
+      AND r.content_hash IS NULL AND r.raw IS NOT NULL AND r.next_seq IS NULL
+    LIMIT 1
+) AS r;
+
+-- name: set_hashes
+UPDATE resources AS r SET content_hash = u.content_hash
+FROM unnest($1::bigint[], $2::bytea[]) AS u(seq, content_hash)
+WHERE r.seq = u.seq;
+
+-- name: merge
+-- The staged resources, in staging order (idx), as new versions numbered from $1 + 1; $2
+-- the import that writes them (NULL: none). What writing them one by one would do:
+-- - skipped: a later line of the same import already wrote or confirmed the resource
+--   (the current import position, stored or staged earlier, is beyond this one's);
+-- - changed: its content differs from the version before it (the stored current one,
+--   or the previous resource staged for the same id that was not skipped); deleted and
+--   absent count as different. Only those become versions; the others only confirm
+--   the version before them, which then carries the latest import position;
+-- - every new version supersedes the one before it (next_seq), stored or staged.
+-- Returns the new versions in seq order, and whether each one created its resource.
+WITH staged AS (
+    -- The windows below sort these narrow rows; the bytes join in at the INSERT.
+    SELECT s.idx, s.type, s.id, s.content_hash, s.import_pos,
+           c.seq AS prev_seq, c.version AS prev_version,
+           c.content_hash AS prev_hash,
+           coalesce(greatest(
+               CASE WHEN c.import_job = $2 THEN c.import_pos END,
+               max(s.import_pos) OVER (PARTITION BY s.type, s.id ORDER BY s.idx
+                                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+           ) > s.import_pos, false) AND $2::text IS NOT NULL AS skipped
+    FROM write_staging AS s
+    -- One index probe per staged resource (LIMIT keeps it a nested loop whatever the
+    -- statistics of a table that grows by a batch at a time; at most one is current).
+    LEFT JOIN LATERAL (
+        SELECT c.seq, c.version, c.content_hash, c.import_job, c.import_pos
+        FROM resources AS c
+        WHERE c.type = s.type AND c.id = s.id AND c.next_seq IS NULL
+        LIMIT 1
+    ) AS c ON true
+), chained AS (
+    SELECT l.*,
+           coalesce(lag(l.content_hash) OVER w, l.prev_hash)
+               IS DISTINCT FROM l.content_hash AS changed
+    FROM staged AS l WHERE NOT l.skipped
+    WINDOW w AS (PARTITION BY l.type, l.id ORDER BY l.idx)
+), grouped AS (
+    SELECT c.*,
+           sum(c.changed::integer) OVER (PARTITION BY c.type, c.id ORDER BY c.idx) AS grp,
+           sum(c.changed::integer) OVER (ORDER BY c.idx) AS ordinal
+    FROM chained AS c
+), positioned AS (
+    SELECT g.*, max(g.import_pos) OVER (PARTITION BY g.type, g.id, g.grp) AS group_pos
+    FROM grouped AS g
+), numbered AS (
+    SELECT p.*, $1::bigint + p.ordinal AS seq,
+           $1::bigint + lead(p.ordinal) OVER (PARTITION BY p.type, p.id ORDER BY p.idx)
+               AS next_seq
+    FROM positioned AS p WHERE p.changed
+), before AS (
+    SELECT p.prev_seq,
+           min($1::bigint + p.ordinal) FILTER (WHERE p.changed) AS successor,
+           max(p.import_pos) FILTER (WHERE p.grp = 0) AS confirmed_pos
+    FROM positioned AS p WHERE p.prev_seq IS NOT NULL
+    GROUP BY p.prev_seq
+), superseded AS (
+    UPDATE resources AS r SET
+        next_seq = coalesce(b.successor, r.next_seq),
+        import_job = CASE WHEN b.confirmed_pos IS NULL THEN r.import_job ELSE $2 END,
+        import_pos = coalesce(b.confirmed_pos, r.import_pos)
+    FROM before AS b
+    WHERE r.seq = b.prev_seq
+      AND (b.successor IS NOT NULL OR ($2::text IS NOT NULL AND b.confirmed_pos IS NOT NULL))
+), inserted AS (
+    INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq,
+                           import_job, import_pos, content_hash)
+    SELECT n.seq, n.type, n.id, coalesce(n.prev_version, 0) + n.grp, s.last_updated, false,
+           s.head || convert_to((coalesce(n.prev_version, 0) + n.grp)::text, 'UTF8')
+               || s.tail,
+           n.next_seq, $2, CASE WHEN $2::text IS NOT NULL THEN n.group_pos END, n.content_hash
+    FROM numbered AS n JOIN write_staging AS s USING (idx)
+), patients AS (
+    INSERT INTO resource_patients (patient_id, seq)
+    SELECT sp.patient_id, n.seq FROM write_staging_patients AS sp JOIN numbered AS n USING (idx)
+)
+SELECT n.type, n.id, (coalesce(n.prev_version, 0) + n.grp)::integer AS version,
+       n.prev_seq IS NULL AND n.grp = 1 AS created
+FROM numbered AS n ORDER BY n.seq;
+
+-- name: merge_distinct
+-- merge, for a batch that stages each resource once: no chains within the batch, so
+-- one window (the numbering) instead of five. The same result as merge on such a batch.
+WITH staged AS (
+    SELECT s.idx, s.type, s.id, s.content_hash, s.import_pos,
+           c.seq AS prev_seq, c.version AS prev_version,
+           coalesce(c.import_job = $2 AND c.import_pos > s.import_pos, false) AS skipped,
+           c.content_hash IS DISTINCT FROM s.content_hash AS changed
+    FROM write_staging AS s
+    LEFT JOIN LATERAL (
+        SELECT c.seq, c.version, c.content_hash, c.import_job, c.import_pos
+        FROM resources AS c
+        WHERE c.type = s.type AND c.id = s.id AND c.next_seq IS NULL
+        LIMIT 1
+    ) AS c ON true
+), numbered AS (
+    SELECT t.*, $1::bigint + row_number() OVER (ORDER BY t.idx) AS seq
+    FROM staged AS t WHERE t.changed AND NOT t.skipped
+), superseded AS (
+    UPDATE resources AS r SET next_seq = n.seq
+    FROM numbered AS n WHERE r.seq = n.prev_seq
+), confirmed AS (
+    UPDATE resources AS r SET import_job = $2, import_pos = t.import_pos
+    FROM staged AS t
+    WHERE $2::text IS NOT NULL AND r.seq = t.prev_seq AND NOT t.changed AND NOT t.skipped
+), inserted AS (
+    INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq,
+                           import_job, import_pos, content_hash)
+    SELECT n.seq, n.type, n.id, coalesce(n.prev_version, 0) + 1, s.last_updated, false,
+           s.head || convert_to((coalesce(n.prev_version, 0) + 1)::text, 'UTF8') || s.tail,
+           NULL, $2, CASE WHEN $2::text IS NOT NULL THEN n.import_pos END, n.content_hash
+    FROM numbered AS n JOIN write_staging AS s USING (idx)
+), patients AS (
+    INSERT INTO resource_patients (patient_id, seq)
+    SELECT sp.patient_id, n.seq FROM write_staging_patients AS sp JOIN numbered AS n USING (idx)
+)
+SELECT n.type, n.id, (coalesce(n.prev_version, 0) + 1)::integer AS version,
+       n.prev_seq IS NULL AS created
+FROM numbered AS n ORDER BY n.seq;
 
 -- name: insert_version
 INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8);
 
--- name: insert_versions
-INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq,
-                       import_job, import_pos)
-SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::integer[], $5::bigint[],
-                     $6::boolean[], $7::bytea[], $8::bigint[], $9::text[], $10::bigint[]);
-
--- name: set_import_pos
-UPDATE resources AS r SET import_job = u.job, import_pos = u.pos
-FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(job, pos, seq)
-WHERE r.seq = u.seq;
-
 -- name: supersede
 UPDATE resources SET next_seq = $2 WHERE seq = $1;
-
--- name: supersede_many
-UPDATE resources AS r SET next_seq = u.next_seq
-FROM unnest($1::bigint[], $2::bigint[]) AS u(seq, next_seq)
-WHERE r.seq = u.seq;
-
--- name: insert_patients
-INSERT INTO resource_patients (patient_id, seq)
-SELECT * FROM unnest($1::text[], $2::bigint[]);
 
 -- name: read_current
 SELECT raw FROM resources

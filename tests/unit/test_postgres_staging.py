@@ -1,0 +1,68 @@
+"""The PostgreSQL merge's staged resources: byte for byte the versions ``new_version``
+makes, once the store puts the number in; content hashes equal exactly for equal content."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from datastore.postgres.staging import content_hash, stage
+from datastore.versioning import content_without_meta, new_version
+
+NOW = datetime(2026, 11, 23, 1, 2, 3, 456789, tzinfo=UTC)
+
+RESOURCES: list[dict[str, Any]] = [
+    {"resourceType": "Patient", "id": "a", "name": [{"family": "Doe"}]},
+    {  # meta first, with the server's fields and one of the client's
+        "meta": {"versionId": "7", "lastUpdated": "2020-01-01T00:00:00Z", "source": "x"},
+        "resourceType": "Observation",
+        "id": "o",
+        "subject": {"reference": "Patient/a"},
+        "valueQuantity": {"value": 1.5},
+    },
+    {"resourceType": "Patient", "id": "b", "meta": {"lastUpdated": "2024-02-03T04:05:06.789Z"}},
+    {"resourceType": "Patient", "id": "c", "meta": {}, "text": {"div": "versionId ünïcode"}},
+]
+
+
+@pytest.mark.parametrize("resource", RESOURCES)
+@pytest.mark.parametrize("keep_last_updated", [False, True])
+@pytest.mark.parametrize("version", [1, 12, 3456])
+def test_staged_bytes_are_the_new_version_with_its_number(
+    resource: dict[str, Any], keep_last_updated: bool, version: int
+) -> None:
+    previous = None if version == 1 else (version - 1, None)
+    made = new_version(resource, previous, NOW, keep_last_updated=keep_last_updated)
+    staged = stage(resource, NOW, keep_last_updated=keep_last_updated, marker="m4rk3r")
+    assert made is not None
+    assert staged.head + str(version).encode() + staged.tail == made.raw
+    assert (staged.type, staged.id, staged.last_updated) == (made.type, made.id, made.last_updated)
+    assert staged.patients == made.patients
+
+
+def test_a_resource_holding_the_marker_gets_another() -> None:
+    resource = {"resourceType": "Patient", "id": "a", "name": [{"family": "m4rk3r"}]}
+    staged = stage(resource, NOW, keep_last_updated=False, marker="m4rk3r")
+    made = new_version(resource, None, NOW, keep_last_updated=False)
+    assert made is not None and staged.head + b"1" + staged.tail == made.raw
+
+
+def test_content_hash_ignores_key_order_and_the_servers_meta_only() -> None:
+    one = {"resourceType": "Patient", "id": "a", "name": [{"family": "D", "given": ["J"]}]}
+    reordered = {"name": [{"given": ["J"], "family": "D"}], "id": "a", "resourceType": "Patient"}
+    stamped = {**one, "meta": {"versionId": "3", "lastUpdated": "2024-01-01T00:00:00Z"}}
+    tagged = {**one, "meta": {"tag": [{"code": "t"}]}}
+    changed = {**one, "name": [{"family": "E", "given": ["J"]}]}
+    hashes = [content_hash(content_without_meta(r)) for r in (one, reordered, stamped)]
+    assert len(set(hashes)) == 1
+    assert content_hash(content_without_meta(tagged)) != hashes[0]
+    assert content_hash(content_without_meta(changed)) != hashes[0]
+    staged = stage(stamped, NOW, keep_last_updated=False, marker="m")
+    assert staged.content_hash == hashes[0]
+
+
+def test_a_resource_needs_a_type_and_an_id() -> None:
+    with pytest.raises(ValueError, match="resourceType and id"):
+        stage({"resourceType": "Patient"}, NOW, keep_last_updated=False, marker="m")
