@@ -21,12 +21,12 @@ from datastore.versioning import NewVersion
 from exportsvc.seed import Prepared
 
 
-def _next_batch(stream: IO[bytes]) -> list[Prepared] | None:
+def _next_batch(stream: IO[bytes]) -> list[NewVersion] | None:
     try:
         batch: list[Prepared] | None = pickle.load(stream)  # our own child's output
     except EOFError:
         raise RuntimeError("the seeding process ended before its data did") from None
-    return batch
+    return None if batch is None else [NewVersion(*prepared) for prepared in batch]
 
 
 async def seed_store(store: ResourceStore, patients: int, seed: int) -> int:
@@ -37,11 +37,15 @@ async def seed_store(store: ResourceStore, patients: int, seed: int) -> int:
     assert producer.stdout is not None
     created = 0
     gc.disable()  # the batches make no reference cycles
+    # The next batch is read while the store writes this one.
+    reading = loop.run_in_executor(None, _next_batch, producer.stdout)
     try:
-        while batch := await loop.run_in_executor(None, _next_batch, producer.stdout):
-            versions = [NewVersion(*prepared) for prepared in batch]
+        while versions := await reading:
+            reading = loop.run_in_executor(None, _next_batch, producer.stdout)
             created += (await store.write_versions(versions)).created
     finally:
+        if not reading.done():
+            reading.cancel()
         gc.enable()
         producer.stdout.close()
         if producer.poll() is None and await loop.run_in_executor(None, _wait, producer):
