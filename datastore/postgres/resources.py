@@ -30,6 +30,14 @@ id), numbers the changed ones, supersedes their predecessors and records the imp
 positions, and inserts the versions and their compartment rows. An import's checkpoint is
 saved in the same transaction, fenced by its lease. No resource goes to Python and back.
 
+Stamps. An export's snapshot (:meth:`snapshot`) takes its time, then reads ``max(seq)``
+under the same lock: every version numbered after it must be stamped after that time, or
+the next export ``_since`` it would miss the version. So a write stamps its versions with
+the time it takes once it holds the lock, not when it stages them: the versions the store
+stamps are staged with a pending stamp (``Stamp.pending``) at a known place in their
+bytes, and the merge puts that time there and in ``last_updated``. Versions that keep
+their own lastUpdated (seeding) keep it.
+
 The cost is one writer at a time, which the SQLite backend has too; a write is one
 transaction of a handful of statements whatever the batch size, so throughput comes from
 batching, not from parallel writers.
@@ -63,7 +71,7 @@ from datastore.resources import (
     WriteResult,
     to_micros,
 )
-from datastore.versioning import content_without_meta
+from datastore.versioning import Stamp, content_without_meta
 from exportsvc.errors import LeaseLost
 from exportsvc.records import utcnow
 
@@ -138,16 +146,26 @@ class PostgresResourceStore(ResourceStore):
             return WriteResult()
         # Parsing and serialising the batch is CPU work: off the event loop, and before
         # the write lock is taken.
-        staged, distinct = await asyncio.to_thread(_stage_all, batch, utcnow(), keep_last_updated)
+        # Versions the store stamps are staged with a pending stamp, which the merge
+        # replaces by the time taken once the write lock is held (see snapshot()).
+        pending = Stamp.pending()
+        staged, distinct = await asyncio.to_thread(_stage_all, batch, pending, keep_last_updated)
         positions: list[int | None] = [*origin.positions] if origin else [None] * len(batch)
         async with self.db.transaction() as conn:
             await conn.execute(Q["create_staging"])
             await self._stage(conn, staged, positions)
             await conn.execute(Q["lock_writes"])
+            stamp = Stamp.at(utcnow())
             await self._hash_legacy(conn)
             first = int(await conn.fetchval(Q["current_seq"]))
             job = origin.job_id if origin else None
-            versions = await conn.fetch(Q["merge_distinct" if distinct else "merge"], first, job)
+            versions = await conn.fetch(
+                Q["merge_distinct" if distinct else "merge"],
+                first,
+                job,
+                stamp.instant.encode(),
+                stamp.micros,
+            )
             if checkpoint is not None:
                 result = _result(len(batch), versions)
                 saved = await conn.fetchval(OPS["save"], *save_args(checkpoint(result)))
@@ -160,7 +178,17 @@ class PostgresResourceStore(ResourceStore):
         self, conn: Connection, staged: list[Staged], positions: list[int | None]
     ) -> None:
         rows = [
-            (i, s.type, s.id, s.last_updated, s.head, s.tail, s.content_hash, positions[i])
+            (
+                i,
+                s.type,
+                s.id,
+                s.last_updated,
+                s.head,
+                s.tail,
+                s.content_hash,
+                positions[i],
+                s.stamp_at,
+            )
             for i, s in enumerate(staged)
         ]
         patients = [(i, p) for i, s in enumerate(staged) for p in s.patients]
@@ -184,6 +212,12 @@ class PostgresResourceStore(ResourceStore):
                 lambda: [content_hash(content_without_meta(orjson.loads(r[1]))) for r in legacy]
             )
             await conn.execute(Q["set_hashes"], [r[0] for r in legacy], hashes)
+
+    async def snapshot(self) -> tuple[int, datetime]:
+        moment = utcnow()  # before the lock: a write that commits later stamps later
+        async with self.db.transaction() as conn:
+            await conn.execute(Q["lock_writes"])
+            return int(await conn.fetchval(Q["current_seq"])), moment
 
     async def delete(self, type_: str, id_: str) -> bool:
         async with self.db.transaction() as conn:
@@ -293,11 +327,11 @@ class PostgresResourceStore(ResourceStore):
 
 
 def _stage_all(
-    batch: list[Mapping[str, Any]], now: datetime, keep_last_updated: bool
+    batch: list[Mapping[str, Any]], stamp: Stamp, keep_last_updated: bool
 ) -> tuple[list[Staged], bool]:
     """The batch staged, and whether it names each resource once."""
     marker = new_marker()
-    staged = [stage(r, now, keep_last_updated=keep_last_updated, marker=marker) for r in batch]
+    staged = [stage(r, stamp, keep_last_updated=keep_last_updated, marker=marker) for r in batch]
     return staged, len({(s.type, s.id) for s in staged}) == len(staged)
 
 

@@ -6,6 +6,11 @@ and lets one ``INSERT ... SELECT`` number the versions. The stored bytes carry
 before and after that number (``head`` and ``tail``): the merge stores
 ``head || version || tail``, byte for byte what :func:`datastore.versioning.new_version`
 makes. Whether content changed is decided there too, on :func:`content_hash`.
+
+A version the store stamps is staged before the write lock is taken, but must be stamped
+with a time after it (``ResourceStore.snapshot``): it is staged with a pending stamp
+(:meth:`Stamp.pending`, as long as an instant) whose place in ``tail`` it records
+(``stamp_at``), and the merge puts the instant of its transaction there.
 """
 
 from __future__ import annotations
@@ -13,12 +18,11 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any, NamedTuple
 
 import orjson
 
-from datastore.versioning import content_without_meta, fhir_instant, parse_instant
+from datastore.versioning import Stamp, content_without_meta, parse_instant
 from exportsvc.fhir.compartment import patient_ids
 
 
@@ -32,6 +36,9 @@ class Staged(NamedTuple):
     tail: bytes
     content_hash: bytes
     patients: frozenset[str]
+    stamp_at: int | None
+    """Where ``tail`` holds the write's stamp, 1-based (PostgreSQL's ``overlay``); None
+    when the resource keeps its own lastUpdated."""
 
 
 def content_hash(content: Mapping[str, Any]) -> bytes:
@@ -43,12 +50,13 @@ def content_hash(content: Mapping[str, Any]) -> bytes:
 
 
 def stage(
-    resource: Mapping[str, Any], now: datetime, *, keep_last_updated: bool, marker: str
+    resource: Mapping[str, Any], stamp: Stamp, *, keep_last_updated: bool, marker: str
 ) -> Staged:
     """``resource`` as a version whose number the store assigns (``new_version``'s rules
-    for ``meta`` and ``lastUpdated``). ``marker`` stands in for the number while the
-    bytes are made: any string (a random one per batch) the resource does not contain;
-    another is drawn when it does."""
+    for ``meta`` and ``lastUpdated``), written at ``stamp`` unless it keeps its own
+    lastUpdated. ``marker`` stands in for the number while the bytes are made: any string
+    (a random one per batch) the resource does not contain; another is drawn when it
+    does."""
     type_ = resource.get("resourceType")
     id_ = resource.get("id")
     if not isinstance(type_, str) or not isinstance(id_, str):
@@ -56,24 +64,19 @@ def stage(
     content = content_without_meta(resource)
     digest = content_hash(content)
     given = (resource.get("meta") or {}).get("lastUpdated") if keep_last_updated else None
-    stamp = parse_instant(given) if given else now
     meta = content.setdefault("meta", {})  # content_without_meta's own copy
     while True:
         meta["versionId"] = marker
-        meta["lastUpdated"] = given if given else fhir_instant(stamp)
+        meta["lastUpdated"] = given if given else stamp.instant
         head, _, tail = orjson.dumps(content).partition(marker.encode())
         if marker.encode() not in tail:  # (head cannot hold it: the first one splits)
             break
         marker = new_marker()
-    return Staged(
-        type_,
-        id_,
-        int(stamp.timestamp() * 1_000_000),
-        head,
-        tail,
-        digest,
-        patient_ids(content),
-    )
+    if given:
+        micros, stamp_at = int(parse_instant(given).timestamp() * 1_000_000), None
+    else:  # lastUpdated comes right after versionId: the first one in tail
+        micros, stamp_at = stamp.micros, tail.index(stamp.instant.encode()) + 1
+    return Staged(type_, id_, micros, head, tail, digest, patient_ids(content), stamp_at)
 
 
 def new_marker() -> str:

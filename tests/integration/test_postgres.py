@@ -8,10 +8,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 
 from datastore.postgres import (
@@ -21,7 +22,8 @@ from datastore.postgres import (
     SchemaError,
 )
 from datastore.postgres.db import migrations
-from datastore.resources import ExportQuery
+from datastore.resources import ExportQuery, to_micros
+from datastore.versioning import fhir_instant
 from exportsvc.errors import StoreError, TooManyJobs
 from exportsvc.records import (
     ExportJobRecord,
@@ -246,6 +248,88 @@ async def test_types_skip_scan(res: PostgresResourceStore) -> None:
     await res.write([{"resourceType": "Condition", "id": "c"}])
     assert await res.types(1) == ["Patient"]
     assert await res.types(3) == ["Condition", "Observation", "Patient"]
+
+
+# -- resources: a snapshot's time comes before every version after it -----------------------
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def paused_after(
+    monkeypatch: pytest.MonkeyPatch, store: PostgresResourceStore, step: str
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold ``store``'s writes after ``step`` (one of its own coroutines): set the first
+    event when a write gets there, carry on once the second one is set."""
+    reached, resume = asyncio.Event(), asyncio.Event()
+    original = getattr(store, step)
+
+    async def paused(*args: Any) -> None:
+        await original(*args)
+        reached.set()
+        await resume.wait()
+
+    monkeypatch.setattr(store, step, paused)
+    return reached, resume
+
+
+async def assert_exported_after(
+    res: PostgresResourceStore, snapshot: tuple[int, datetime], expected: int
+) -> None:
+    """The versions after the snapshot (``expected`` of them) are stamped after its time,
+    in their bytes as in their time column: the next export ``_since`` that time gets
+    them all."""
+    seq, moment = snapshot
+    later = [v async for v in res.scan_versions() if v.seq > seq]
+    for version in later:
+        assert version.last_updated >= to_micros(moment, 0)
+        assert version.raw is not None
+        stamped = orjson.loads(version.raw)["meta"]["lastUpdated"]
+        assert stamped == fhir_instant(EPOCH + timedelta(microseconds=version.last_updated))
+    assert len(later) == expected
+    since = ExportQuery("Patient", await res.current_seq(), since=moment)
+    assert await res.count(since) >= expected
+
+
+async def test_a_write_staged_before_a_snapshot_is_stamped_after_it(
+    res: PostgresResourceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write stages its resources before it takes the write lock; an export's snapshot
+    taken in between (the write holds no lock yet) does not count it, so the write must
+    stamp its versions once it holds the lock, not when it stages them."""
+    staged, resume = paused_after(monkeypatch, res, "_stage")
+    writing = asyncio.create_task(res.write([patient("a"), patient("b")]))
+    await asyncio.wait_for(staged.wait(), 10)
+    snapshot = await res.snapshot()
+    assert snapshot[0] == 0
+    resume.set()
+    await writing
+    await assert_exported_after(res, snapshot, 2)
+
+
+async def test_a_snapshot_waits_for_the_write_in_progress(
+    db: PostgresDatabase, res: PostgresResourceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write holding the lock has stamped its versions; a snapshot taken meanwhile takes
+    its time first and its sequence after that write commits, so it counts the write."""
+    locked, resume = paused_after(monkeypatch, res, "_hash_legacy")
+    writing = asyncio.create_task(res.write([patient("a"), patient("b")]))
+    await asyncio.wait_for(locked.wait(), 10)
+    snapshotting = asyncio.create_task(res.snapshot())
+    deadline = asyncio.get_running_loop().time() + 10
+    async with db.connection() as conn:  # until the snapshot waits for the lock (or is done)
+        while not snapshotting.done() and not await conn.fetchval(LOCK_WAITERS):
+            assert asyncio.get_running_loop().time() < deadline, "the snapshot never waited"
+            await asyncio.sleep(0.01)
+    resume.set()
+    await writing
+    snapshot = await snapshotting
+    await assert_exported_after(res, snapshot, 0)
+    assert snapshot[0] == 2
+
+
+LOCK_WAITERS = """SELECT count(*) FROM pg_locks
+WHERE locktype = 'advisory' AND classid = 1163416406 AND objid = 2 AND NOT granted"""
 
 
 # -- schema ---------------------------------------------------------------------------------

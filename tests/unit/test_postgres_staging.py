@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from datastore.postgres.staging import content_hash, stage
-from datastore.versioning import content_without_meta, new_version
+from datastore.postgres.staging import Staged, content_hash, stage
+from datastore.versioning import Stamp, content_without_meta, new_version
 
 NOW = datetime(2026, 11, 23, 1, 2, 3, 456789, tzinfo=UTC)
+STAMP = Stamp.at(NOW)
 
 RESOURCES: list[dict[str, Any]] = [
     {"resourceType": "Patient", "id": "a", "name": [{"family": "Doe"}]},
@@ -35,16 +36,42 @@ def test_staged_bytes_are_the_new_version_with_its_number(
 ) -> None:
     previous = None if version == 1 else (version - 1, None)
     made = new_version(resource, previous, NOW, keep_last_updated=keep_last_updated)
-    staged = stage(resource, NOW, keep_last_updated=keep_last_updated, marker="m4rk3r")
+    staged = stage(resource, STAMP, keep_last_updated=keep_last_updated, marker="m4rk3r")
     assert made is not None
     assert staged.head + str(version).encode() + staged.tail == made.raw
     assert (staged.type, staged.id, staged.last_updated) == (made.type, made.id, made.last_updated)
     assert staged.patients == made.patients
 
 
+def stamped_by_the_merge(staged: Staged, version: int, stamp: Stamp) -> tuple[bytes, int]:
+    """The bytes and time column the merge stores (``overlay`` at ``stamp_at``)."""
+    tail, micros = staged.tail, staged.last_updated
+    if staged.stamp_at is not None:
+        at = staged.stamp_at - 1
+        tail = tail[:at] + stamp.instant.encode() + tail[at + len(stamp.instant) :]
+        micros = stamp.micros
+    return staged.head + str(version).encode() + tail, micros
+
+
+@pytest.mark.parametrize("resource", RESOURCES)
+@pytest.mark.parametrize("keep_last_updated", [False, True])
+def test_a_pending_stamp_is_where_the_merge_puts_the_time_of_its_write(
+    resource: dict[str, Any], keep_last_updated: bool
+) -> None:
+    """Staged before the write lock, stamped under it: the merge overlays the instant at
+    ``stamp_at``, and gets byte for byte the version made at that time; a resource that
+    keeps its lastUpdated (seeding) has none."""
+    staged = stage(resource, Stamp.pending(), keep_last_updated=keep_last_updated, marker="m")
+    made = new_version(resource, None, NOW, keep_last_updated=keep_last_updated)
+    assert made is not None
+    kept = keep_last_updated and "lastUpdated" in resource.get("meta", {})
+    assert (staged.stamp_at is None) == kept
+    assert stamped_by_the_merge(staged, 1, STAMP) == (made.raw, made.last_updated)
+
+
 def test_a_resource_holding_the_marker_gets_another() -> None:
     resource = {"resourceType": "Patient", "id": "a", "name": [{"family": "m4rk3r"}]}
-    staged = stage(resource, NOW, keep_last_updated=False, marker="m4rk3r")
+    staged = stage(resource, STAMP, keep_last_updated=False, marker="m4rk3r")
     made = new_version(resource, None, NOW, keep_last_updated=False)
     assert made is not None and staged.head + b"1" + staged.tail == made.raw
 
@@ -59,10 +86,10 @@ def test_content_hash_ignores_key_order_and_the_servers_meta_only() -> None:
     assert len(set(hashes)) == 1
     assert content_hash(content_without_meta(tagged)) != hashes[0]
     assert content_hash(content_without_meta(changed)) != hashes[0]
-    staged = stage(stamped, NOW, keep_last_updated=False, marker="m")
+    staged = stage(stamped, STAMP, keep_last_updated=False, marker="m")
     assert staged.content_hash == hashes[0]
 
 
 def test_a_resource_needs_a_type_and_an_id() -> None:
     with pytest.raises(ValueError, match="resourceType and id"):
-        stage({"resourceType": "Patient"}, NOW, keep_last_updated=False, marker="m")
+        stage({"resourceType": "Patient"}, STAMP, keep_last_updated=False, marker="m")

@@ -28,7 +28,8 @@ CREATE TEMP TABLE IF NOT EXISTS write_staging (
     head         bytea   NOT NULL,
     tail         bytea   NOT NULL,
     content_hash bytea   NOT NULL,
-    import_pos   bigint
+    import_pos   bigint,
+    stamp_at     integer  -- where tail holds a pending stamp; NULL: last_updated is kept
 ) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS write_staging_patients (
     idx        integer NOT NULL,
@@ -38,7 +39,7 @@ CREATE TEMP TABLE IF NOT EXISTS write_staging_patients (
 -- name: stage
 INSERT INTO write_staging
 SELECT * FROM unnest($1::integer[], $2::text[], $3::text[], $4::bigint[], $5::bytea[],
-                     $6::bytea[], $7::bytea[], $8::bigint[]);
+                     $6::bytea[], $7::bytea[], $8::bigint[], $9::integer[]);
 
 -- name: stage_patients
 INSERT INTO write_staging_patients SELECT * FROM unnest($1::integer[], $2::text[]);
@@ -66,7 +67,10 @@ WHERE r.seq = u.seq;
 
 -- name: merge
 -- The staged resources, in staging order (idx), as new versions numbered from $1 + 1; $2
--- the import that writes them (NULL: none). What writing them one by one would do:
+-- the import that writes them (NULL: none); those staged with a pending stamp (stamp_at)
+-- stamped $3 (the instant, in place of the pending one in tail) and $4 (its microseconds):
+-- the time of this transaction, taken under the write lock. What writing them one by one
+-- would do:
 -- - skipped: a later line of the same import already wrote or confirmed the resource
 --   (the current import position, stored or staged earlier, is beyond this one's);
 -- - changed: its content differs from the version before it (the stored current one,
@@ -130,9 +134,11 @@ WITH staged AS (
 ), inserted AS (
     INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq,
                            import_job, import_pos, content_hash)
-    SELECT n.seq, n.type, n.id, coalesce(n.prev_version, 0) + n.grp, s.last_updated, false,
+    SELECT n.seq, n.type, n.id, coalesce(n.prev_version, 0) + n.grp,
+           CASE WHEN s.stamp_at IS NULL THEN s.last_updated ELSE $4::bigint END, false,
            s.head || convert_to((coalesce(n.prev_version, 0) + n.grp)::text, 'UTF8')
-               || s.tail,
+               || CASE WHEN s.stamp_at IS NULL THEN s.tail
+                       ELSE overlay(s.tail PLACING $3::bytea FROM s.stamp_at) END,
            n.next_seq, $2, CASE WHEN $2::text IS NOT NULL THEN n.group_pos END, n.content_hash
     FROM numbered AS n JOIN write_staging AS s USING (idx)
 ), patients AS (
@@ -145,7 +151,8 @@ FROM numbered AS n ORDER BY n.seq;
 
 -- name: merge_distinct
 -- merge, for a batch that stages each resource once: no chains within the batch, so
--- one window (the numbering) instead of five. The same result as merge on such a batch.
+-- one window (the numbering) instead of five. The same parameters, and the same result
+-- as merge on such a batch.
 WITH staged AS (
     SELECT s.idx, s.type, s.id, s.content_hash, s.import_pos,
            c.seq AS prev_seq, c.version AS prev_version,
@@ -171,8 +178,11 @@ WITH staged AS (
 ), inserted AS (
     INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq,
                            import_job, import_pos, content_hash)
-    SELECT n.seq, n.type, n.id, coalesce(n.prev_version, 0) + 1, s.last_updated, false,
-           s.head || convert_to((coalesce(n.prev_version, 0) + 1)::text, 'UTF8') || s.tail,
+    SELECT n.seq, n.type, n.id, coalesce(n.prev_version, 0) + 1,
+           CASE WHEN s.stamp_at IS NULL THEN s.last_updated ELSE $4::bigint END, false,
+           s.head || convert_to((coalesce(n.prev_version, 0) + 1)::text, 'UTF8')
+               || CASE WHEN s.stamp_at IS NULL THEN s.tail
+                       ELSE overlay(s.tail PLACING $3::bytea FROM s.stamp_at) END,
            NULL, $2, CASE WHEN $2::text IS NOT NULL THEN n.import_pos END, n.content_hash
     FROM numbered AS n JOIN write_staging AS s USING (idx)
 ), patients AS (
