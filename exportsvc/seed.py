@@ -533,7 +533,7 @@ def generate(patients: int, seed: int = 0, now: datetime | None = None) -> Itera
 
 Prepared = tuple[str, str, int, int, bytes, frozenset[str]]
 """A NewVersion as a plain tuple: tuples of str and bytes pickle fast."""
-BATCH = 10_000
+BATCH = 25_000
 
 
 def produce(patients: int, seed: int, out: BinaryIO) -> None:
