@@ -78,6 +78,36 @@ class Harness:
         assert stored is not None
         return stored
 
+    async def run_draining(self, record: Job, read: str, at_call: int) -> Job:
+        """Run ``record``'s task, asking it to drain when the resource store's ``read``
+        method (``page``, ``deletions``, ``blocks``) is called the ``at_call``-th time;
+        the record as the drain left it. The call that asked for the drain is the last."""
+        store = self.runtime.resources
+        original = getattr(store, read)
+        signals = JobSignals()
+        calls = 0
+
+        async def read_then_drain(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == at_call:
+                signals.drain.set()
+            return await original(*args)
+
+        setattr(store, read, read_then_drain)
+        try:
+            await self.task(record, signals).run()
+        finally:
+            setattr(store, read, original)
+        # It stopped at once: nothing more was read after the drain was asked for.
+        assert calls == at_call, f"{read} was called {calls} times, drained at {at_call}"
+        return await self.stored(record.id)
+
+    async def stored(self, job_id: str) -> Job:
+        stored = await self.runtime.operations.get(job_id)
+        assert stored is not None
+        return stored
+
     async def plan(self) -> list[ExportItemRecord]:
         """Run the queued export's planning step; its items are queued then."""
         parent = await self.acquire()

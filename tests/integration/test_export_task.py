@@ -213,28 +213,14 @@ def _count_pages(store: ResourceStore) -> Callable[[], int]:
 
 async def test_drain_releases_with_a_checkpoint_and_resumes(harness: Harness) -> None:
     job_id, item = await one_item(harness, types=["Observation"])
-    signals = JobSignals()
     store = harness.runtime.resources
-    original = store.page
-    calls = 0
-
-    async def page_then_drain(query: ExportQuery, after: int, limit: int) -> Page:
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            signals.drain.set()
-        return await original(query, after, limit)
-
-    store.page = page_then_drain  # type: ignore[method-assign]
-    await harness.task(item, signals).run()
-    store.page = original  # type: ignore[method-assign]
-    drained = await harness.runtime.operations.get(item.id)
+    drained = await harness.run_draining(item, "page", 3)
     assert isinstance(drained, ExportItemRecord)
     assert drained.status == JobStatus.QUEUED and drained.failure_count == 0
     assert drained.resources_done > 0 and drained.lease.owner is None
     # The page read ahead when the drain came was dropped unwritten: the checkpoint
     # covers the pages before it.
-    assert calls == 3 and drained.pages_read == 2
+    assert drained.pages_read == 2
     resumed = await harness.acquire()
     assert resumed.id == item.id and resumed.restart_count == 0
     pages = _count_pages(store)
@@ -398,21 +384,8 @@ async def test_a_drained_deletions_item_resumes_from_its_checkpoint(harness: Har
         await store.delete("Observation", id_)
     job_id, item = await one_item(harness, types=["Observation"], since=since)
     assert item.content == "deleted"
-    signals = JobSignals()
-    original = store.deletions
-    calls = 0
-
-    async def deletions_then_drain(query: ExportQuery, after: int, limit: int) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 3:  # while the second page is written (the third is read ahead)
-            signals.drain.set()
-        return await original(query, after, limit)
-
-    store.deletions = deletions_then_drain  # type: ignore[method-assign]
-    await harness.task(item, signals).run()
-    store.deletions = original  # type: ignore[method-assign]
-    drained = await harness.runtime.operations.get(item.id)
+    # Drained while the second page is written (the third is read ahead).
+    drained = await harness.run_draining(item, "deletions", 3)
     assert isinstance(drained, ExportItemRecord) and drained.status == JobStatus.QUEUED
     assert drained.resources_done == 4 and drained.output[0].count == 4
     resumed = await harness.acquire()
@@ -507,21 +480,9 @@ async def test_associated_provenance_at_group_level_and_after_a_drain(harness: H
     patients, item = (first, second) if first.content == "resources" else (second, first)
     await harness.run(patients)
     assert item.content == "provenance"
-    signals = JobSignals()
-    original = store.page
-    calls, prepare_calls = 0, len(provenance) // 2 + 1  # the read-only pass of Latest
-
-    async def page_then_drain(query: ExportQuery, after: int, limit: int) -> Page:
-        nonlocal calls
-        calls += 1
-        if calls == prepare_calls + 3:  # the third is a page read ahead
-            signals.drain.set()
-        return await original(query, after, limit)
-
-    store.page = page_then_drain  # type: ignore[method-assign]
-    await harness.task(item, signals).run()
-    store.page = original  # type: ignore[method-assign]
-    drained = await harness.runtime.operations.get(item.id)
+    prepare_calls = len(provenance) // 2 + 1  # the read-only pass of Latest
+    # Drained at the third page after that pass (a page read ahead).
+    drained = await harness.run_draining(item, "page", prepare_calls + 3)
     assert isinstance(drained, ExportItemRecord) and drained.status == JobStatus.QUEUED
     assert drained.pages_read == 2
     done = await harness.run(await harness.acquire())
@@ -606,21 +567,7 @@ async def test_organized_blocks_resume_after_a_drain(harness: Harness) -> None:
         organize_by="Patient",
         types=["Patient", "Observation", "Condition"],
     )
-    signals = JobSignals()
-    original = store.blocks
-    calls = 0
-
-    async def blocks_then_drain(query: Any, after: Any, limit: int) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 5:
-            signals.drain.set()
-        return await original(query, after, limit)
-
-    store.blocks = blocks_then_drain  # type: ignore[method-assign]
-    await harness.task(item, signals).run()
-    store.blocks = original  # type: ignore[method-assign]
-    drained = await harness.runtime.operations.get(item.id)
+    drained = await harness.run_draining(item, "blocks", 5)
     assert isinstance(drained, ExportItemRecord) and drained.status == JobStatus.QUEUED
     assert drained.after_patient and drained.pages_read == 5
     done = await harness.run(await harness.acquire())

@@ -14,8 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from datastore.resources import ExportQuery, Page
-from exportsvc.export_task import JobSignals
+from datastore.resources import ExportQuery
 from exportsvc.params import parse_export_request
 from exportsvc.records import ExportItemRecord, ExportKind, JobStatus
 from tests.integration.conftest import Harness
@@ -338,22 +337,8 @@ async def test_pages_filtered_out_entirely_still_advance_the_checkpoint(harness:
     assert len(items) == 1
     item = await harness.acquire()
     assert isinstance(item, ExportItemRecord)
-    signals = JobSignals()
-    store = harness.runtime.resources
-    original = store.page
-    calls = 0
-
-    async def page_then_drain(query: ExportQuery, after: int, limit: int) -> Page:
-        nonlocal calls
-        calls += 1
-        if calls == 4:  # while the third page is written (the fourth is read ahead)
-            signals.drain.set()
-        return await original(query, after, limit)
-
-    store.page = page_then_drain  # type: ignore[method-assign]
-    await harness.task(item, signals).run()
-    store.page = original  # type: ignore[method-assign]
-    drained = await harness.runtime.operations.get(item.id)
+    # Drained while the third page is written (the fourth is read ahead).
+    drained = await harness.run_draining(item, "page", 4)
     assert isinstance(drained, ExportItemRecord) and drained.status == JobStatus.QUEUED
     # Three pages read, nothing written, and the continuation point is past all of them.
     assert drained.pages_read == 3 and sum(f.count for f in drained.output) == 0
