@@ -11,6 +11,7 @@ store as of its kick-off, whatever is written while it runs. Pages are keyset pa
 from __future__ import annotations
 
 import abc
+import itertools
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -84,12 +85,32 @@ class BlockRow:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    raws: list[bytes]
-    """The stored JSON of each matching resource, in ``seq`` order: what an export
-    writes, without a Python object per resource beyond its bytes."""
+    ndjson: bytes
+    """The stored JSON of each matching resource in ``seq`` order, each on a line of its
+    own that ends in a newline (stored JSON is compact: it holds no raw newline). This is
+    what an export writes, as one object: a store joins the page itself (SQLite and
+    PostgreSQL in SQL), so reading a page makes no Python object per resource and, on
+    SQLite, gives up the GIL once per page rather than once per row."""
+    count: int
+    """How many resources (lines) ``ndjson`` holds."""
     next_after: int
     """The continuation point: the last ``seq`` read (or the input one if empty)."""
     last: bool
+
+    @classmethod
+    def of(cls, raws: Sequence[bytes], next_after: int, last: bool) -> Page:
+        """A page of separate stored resources (a store that cannot join them itself)."""
+        return cls(ndjson_lines(raws), len(raws), next_after, last)
+
+    @property
+    def raws(self) -> list[bytes]:
+        """The stored JSON of each resource: for the pages an export must parse."""
+        return self.ndjson.split(b"\n")[:-1]
+
+
+def ndjson_lines(raws: Iterable[bytes]) -> bytes:
+    """``raws`` as ndjson, each line ending in a newline: one join, one copy."""
+    return b"\n".join(itertools.chain(raws, (b"",)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import itertools
 import math
 import time
 import uuid
@@ -28,7 +27,15 @@ from typing import Any, Literal
 
 import orjson
 
-from datastore.resources import BlockQuery, BlockRow, Deletion, ExportQuery, Page, ResourceStore
+from datastore.resources import (
+    BlockQuery,
+    BlockRow,
+    Deletion,
+    ExportQuery,
+    Page,
+    ResourceStore,
+    ndjson_lines,
+)
 from datastore.versioning import fhir_instant
 from exportsvc.associated import AssociatedProvenance
 from exportsvc.errors import InvalidRequest
@@ -294,16 +301,19 @@ class ExportItemTask(JobTask[ExportItemRecord]):
                 ahead = (
                     None if page.last else asyncio.ensure_future(self._read(query, page.next_after))
                 )
-                lines = page.raws
-                if transform is not None:  # parsing a page is CPU work: off the event loop
-                    lines = await asyncio.to_thread(transform, lines)
-                if self._provenance is not None:
-                    lines = await self._provenance.select(lines)
-                await self._append(lines)
+                data, count = page.ndjson, page.count
+                if transform is not None or self._provenance is not None:
+                    lines = page.raws
+                    if transform is not None:  # parsing is CPU work: off the event loop
+                        lines = await asyncio.to_thread(transform, lines)
+                    if self._provenance is not None:
+                        lines = await self._provenance.select(lines)
+                    data, count = ndjson_lines(lines), len(lines)
+                await self._append(data, count)
                 # The continuation point moves past every row read, written or filtered out.
                 record.after_seq = page.next_after
                 record.done = page.last
-                record.resources_done += len(page.raws)
+                record.resources_done += page.count
                 record.pages_read += 1
                 pages_since_commit += 1
                 if (
@@ -328,46 +338,48 @@ class ExportItemTask(JobTask[ExportItemRecord]):
             return await self.resources.page(query, after, limit)
         deletions = await self.resources.deletions(query, after, limit)
         rows = deletions.rows
-        return Page(
-            raws=[deletion_bundle(query.type, d) for d in rows],
-            next_after=rows[-1].seq if rows else after,
-            last=deletions.last,
-        )
+        bundles = [deletion_bundle(query.type, d) for d in rows]
+        return Page.of(bundles, rows[-1].seq if rows else after, deletions.last)
 
     def _current_file(self) -> OutputFile | None:
         return self.record.output[-1] if self.record.output else None
 
-    async def _append(self, lines: Sequence[bytes]) -> None:
-        """Append resources as ndjson, rolling to a new file at ``max_file_bytes``."""
+    async def _append(self, data: bytes, count: int) -> None:
+        """Append ``count`` ndjson lines (each ending in a newline), rolling to a new file
+        at ``max_file_bytes``. Usually all of it fits: written as it is, not copied."""
         limit = self.settings.max_file_bytes
         current = self._current_file()
-        if current is not None and lines:
-            size = sum(map(len, lines)) + len(lines)
-            if self._sizes[current.name] + size <= limit:  # the usual case: all of it fits
-                await self._flush(current, lines)
-                return
-        chunk: list[bytes] = []
-        pending = 0
-        for raw in lines:
-            size = len(raw) + 1
-            used = self._sizes[current.name] + pending if current is not None else 0
-            if current is None or (used and used + size > limit):
-                if current is not None and chunk:
-                    await self._flush(current, chunk)
-                    chunk, pending = [], 0
-                if self.record.content == "deleted":
-                    current = self._new_file("Bundle", role="deleted")
-                else:
-                    current = self._new_file(self.record.type)
-                await self.dest.start_file(current)
-            chunk.append(raw)
-            pending += size
-        if current is not None and chunk:
-            await self._flush(current, chunk)
+        start = 0
+        while start < len(data):
+            if current is None:
+                current = await self._start_file()
+            used = self._sizes[current.name]
+            end = len(data)
+            if used + end - start > limit:  # the whole lines that fit, if any
+                end = data.rfind(b"\n", start, start + limit - used) + 1
+                if end <= start:
+                    if used:
+                        current = None  # full: the line starts the next file
+                        continue
+                    end = data.index(b"\n", start) + 1  # a line alone over the limit
+            if start == 0 and end == len(data):
+                await self._write(current, data, count)
+            else:
+                chunk = data[start:end]
+                await self._write(current, chunk, chunk.count(b"\n"))
+            start = end
+
+    async def _start_file(self) -> OutputFile:
+        if self.record.content == "deleted":
+            file = self._new_file("Bundle", role="deleted")
+        else:
+            file = self._new_file(self.record.type)
+        await self.dest.start_file(file)
+        return file
 
     async def _flush(self, file: OutputFile, lines: Sequence[bytes]) -> None:
         """Write ``lines`` to ``file`` as ndjson: one join, one copy of the bytes."""
-        await self._write(file, b"\n".join(itertools.chain(lines, (b"",))), len(lines))
+        await self._write(file, ndjson_lines(lines), len(lines))
 
     # -- organizeOutputBy=Patient ---------------------------------------------------------
 

@@ -166,7 +166,7 @@ class MemoryResourceStore(ResourceStore):
                 next_after = v.seq
                 if len(raws) == limit:
                     break
-        return Page(raws, next_after, len(raws) < limit)
+        return Page.of(raws, next_after, len(raws) < limit)
 
     async def count(self, query: ExportQuery) -> int:
         return sum(1 for v in self._versions if self._matches(v, query))

@@ -1,7 +1,11 @@
 """A SQLite connection driven from asyncio: every call runs on one dedicated thread.
 
-sqlite3 blocks, so it never runs on the event loop. One connection per store object,
-one thread per connection; several processes may share the file (WAL mode, busy timeout).
+sqlite3 blocks, so it never runs on the event loop. Writes and checkpoints go
+through one connection on one thread; export reads (pages, counts, bounds) through a
+small pool of read-only connections, each on a thread of its own, so two export items
+read at the same time (sqlite3 lets go of the GIL while SQLite steps) and neither waits
+behind the other's page or a checkpoint's transaction. Several processes may share the
+file (WAL mode, busy timeout).
 Named queries live in ``sql/*.sql`` (``-- name: x`` sections); migrations are numbered
 files in ``sql/migrations`` applied in order and tracked in ``PRAGMA user_version``.
 """
@@ -103,17 +107,55 @@ class _Checkpointer:
             conn.close()
 
 
-class SqliteDatabase:
-    """One connection on one thread. Both stores of a process share it, so an import
-    batch writes its resources and its checkpoint in one transaction; ``open`` and
-    ``close`` count their callers."""
+class _Reader:
+    """A read-only connection and the one thread it runs on."""
 
-    def __init__(self, path: Path | str) -> None:
+    conn: sqlite3.Connection
+
+    def __init__(self, path: Path, number: int) -> None:
+        self.path = path
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-read{number}")
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.conn = await loop.run_in_executor(self.executor, _connect_reader, self.path)
+
+    def close(self) -> None:
+        if hasattr(self, "conn"):
+            self.executor.submit(self.conn.close).result()
+        self.executor.shutdown(wait=True)
+
+
+def _connect_reader(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA query_only = 1")
+    # A keyset scan reads each page once: the map (see _connect) does the reading and
+    # a small cache keeps the b-tree's inner pages; 64 MiB more per reader is RSS for
+    # nothing.
+    conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
+    conn.execute("PRAGMA cache_size = -8192")
+    return conn
+
+
+MMAP_BYTES = 64 << 20
+
+
+class SqliteDatabase:
+    """One connection on one thread for writes, and up to ``readers`` read-only
+    connections for :meth:`read`. Both stores of a process share it, so an import batch
+    writes its resources and its checkpoint in one transaction; ``open`` and ``close``
+    count their callers."""
+
+    def __init__(self, path: Path | str, *, readers: int = 2) -> None:
         self.path = Path(path)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{self.path.name}")
         self._conn: sqlite3.Connection | None = None
         self._checkpointer: _Checkpointer | None = None
         self._users = 0
+        self._max_readers = readers
+        self._readers: list[_Reader] = []
+        self._idle: asyncio.Queue[_Reader] | None = None
 
     async def open(self) -> None:
         self._users += 1
@@ -134,7 +176,7 @@ class SqliteDatabase:
         # capped at 64 MiB (beyond it SQLite reads into its cache of 64 MiB): a 300k-store
         # export peaks at ~225 MB RSS instead of ~400 MB with a 256 MiB map, at the same
         # speed within this machine's noise (README, Performance).
-        conn.execute("PRAGMA mmap_size = 67108864")
+        conn.execute(f"PRAGMA mmap_size = {MMAP_BYTES}")
         conn.execute("PRAGMA cache_size = -65536")
         conn.execute("PRAGMA wal_autocheckpoint = 0")  # _Checkpointer does it
         return conn
@@ -158,10 +200,39 @@ class SqliteDatabase:
 
         return await self._submit(call)
 
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(connection)`` on a read-only connection of the pool (one made when
+        none is free and the pool is not full; else the first to be freed). Each call
+        is its own read transaction: it sees every commit made before it began."""
+        if self._conn is None:
+            raise RuntimeError(f"database {self.path} is not open")
+        if self._idle is None:
+            self._idle = asyncio.Queue()
+        idle = self._idle
+        if idle.empty() and len(self._readers) < self._max_readers:
+            reader = _Reader(self.path, len(self._readers))
+            self._readers.append(reader)  # before its thread connects: counted once
+            try:
+                await reader.start()
+            except BaseException:
+                self._readers.remove(reader)
+                reader.executor.shutdown(wait=False)
+                raise
+        else:
+            reader = await idle.get()
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(reader.executor, fn, reader.conn)
+        finally:  # a cancelled call may still run: the reader's one thread queues the next
+            idle.put_nowait(reader)
+
     async def close(self) -> None:
         self._users -= 1
         if self._users > 0:
             return
+        readers, self._readers, self._idle = self._readers, [], None
+        for reader in readers:
+            await asyncio.to_thread(reader.close)
         conn, self._conn = self._conn, None
         checkpointer, self._checkpointer = self._checkpointer, None
         if checkpointer is not None:

@@ -50,6 +50,19 @@ def _without_ids(name: str) -> str:
     return sql.replace(IDS_CLAUSE, "")
 
 
+@cache
+def _joined(name: str) -> str:
+    """Page query ``name`` as one row: (count, last seq, the page's ndjson). SQLite joins
+    the raws while it steps, with the GIL given up once for the page instead of once per
+    row. The inner ORDER BY ... LIMIT decides which rows the page holds; SQLite feeds
+    them to group_concat in that order (were it not to, only the order of lines inside a
+    page would change: the continuation point is the page's max(seq))."""
+    inner = Q[name].rstrip(";")
+    return (
+        f"SELECT count(*), max(seq), CAST(group_concat(raw, x'0a') || x'0a' AS BLOB) FROM ({inner})"
+    )
+
+
 def _filter_params(query: ExportQuery) -> tuple[str, dict[str, Any]]:
     params: dict[str, Any] = {
         "type": query.type,
@@ -135,32 +148,28 @@ class SqliteResourceStore(ResourceStore):
 
     async def seq_bounds(self, type_: str, as_of: int) -> tuple[int, int] | None:
         params = {"type": type_, "as_of": as_of}
-        row = await self.db.run(lambda c: c.execute(Q["seq_bounds"], params).fetchone())
+        row = await self.db.read(lambda c: c.execute(Q["seq_bounds"], params).fetchone())
         return (int(row[0]), int(row[1])) if row and row[0] is not None else None
 
     async def types(self, as_of: int) -> list[str]:
-        return await self.db.run(lambda c: [r[0] for r in c.execute(Q["types"], {"as_of": as_of})])
+        return await self.db.read(lambda c: [r[0] for r in c.execute(Q["types"], {"as_of": as_of})])
 
     async def page(self, query: ExportQuery, after_seq: int, limit: int) -> Page:
         variant, params = _filter_params(query)
         params.update(after=after_seq, limit=limit)
-        sql = Q[f"page_{variant}"]
+        sql = _joined(f"page_{variant}")
 
         def page(conn: sqlite3.Connection) -> Page:
-            rows = conn.execute(sql, params).fetchall()
-            return Page(
-                raws=[raw for _, raw in rows],
-                next_after=rows[-1][0] if rows else after_seq,
-                last=len(rows) < limit,
-            )
+            count, last_seq, ndjson = conn.execute(sql, params).fetchone()
+            return Page(ndjson or b"", count, last_seq or after_seq, count < limit)
 
-        return await self.db.run(page)
+        return await self.db.read(page)
 
     async def count(self, query: ExportQuery) -> int:
         variant, params = _filter_params(query)
         name = f"count_{variant}"
         sql = Q[name] if query.ids is not None else _without_ids(name)
-        return await self.db.run(lambda c: int(c.execute(sql, params).fetchone()[0]))
+        return await self.db.read(lambda c: int(c.execute(sql, params).fetchone()[0]))
 
     async def deletions(self, query: ExportQuery, after_seq: int, limit: int) -> DeletionPage:
         variant, params = _filter_params(query)
@@ -171,13 +180,13 @@ class SqliteResourceStore(ResourceStore):
             rows = [Deletion(*r) for r in conn.execute(sql, params)]
             return DeletionPage(rows, last=len(rows) < limit)
 
-        return await self.db.run(deletions)
+        return await self.db.read(deletions)
 
     async def count_deletions(self, query: ExportQuery) -> int:
         variant, params = _filter_params(query)
         params.update(after=0, limit=-1)  # SQLite: LIMIT -1 is no limit
         sql = f"SELECT count(*) FROM ({Q[f'deletions_{variant}'].rstrip(';')})"
-        return await self.db.run(lambda c: int(c.execute(sql, params).fetchone()[0]))
+        return await self.db.read(lambda c: int(c.execute(sql, params).fetchone()[0]))
 
     async def blocks(
         self, query: BlockQuery, after: tuple[str, int], limit: int
@@ -201,7 +210,7 @@ class SqliteResourceStore(ResourceStore):
             rows = [BlockRow(*r) for r in conn.execute(sql, params)]
             return rows, len(rows) < limit
 
-        return await self.db.run(blocks)
+        return await self.db.read(blocks)
 
     async def scan_versions(self, batch: int = 5000) -> AsyncIterator[VersionRow]:
         after = 0
