@@ -28,8 +28,8 @@ from datastore.resources import (
     WriteResult,
     to_micros,
 )
-from datastore.sqlite.db import SqliteDatabase, key_hash, queries, transaction
-from datastore.versioning import NewVersion, Stamp, new_version, restamped
+from datastore.sqlite.db import SqliteDatabase, insert_many, key_hash, queries, transaction
+from datastore.versioning import NewVersion, Restamp, Stamp, new_version
 from exportsvc.errors import LeaseLost
 from exportsvc.records import JobRecord, utcnow
 
@@ -291,8 +291,8 @@ def _write(
         current[key] = [seq, version.version, version.raw, job, pos]
         result.versions.append((version.type, version.id, version.version))
     conn.executemany(Q["supersede_many"], superseded)
-    conn.executemany(Q["insert_version"], rows)
-    conn.executemany(Q["insert_patient"], patients)
+    insert_many(conn, Q["insert_version"], rows)
+    insert_many(conn, Q["insert_patient"], patients)
     conn.executemany(Q["set_import_pos"], moved)
     if checkpoint is not None:
         _save_checkpoint(conn, checkpoint(result))
@@ -317,8 +317,7 @@ def _write_versions(
     the checkpoint, all in the caller's one transaction. ``restamp``: the versions' pending
     stamp, replaced here by the transaction's time."""
     now = utcnow()
-    if restamp is not None:
-        versions = restamped(versions, restamp, now)
+    stamp = Restamp.of(restamp, now) if restamp is not None else None
     hashes = [key_hash(v.type, v.id) for v in versions]
     params = {"keys": orjson.dumps(sorted(set(hashes))).decode()}
     existing = {(t, i) for t, i, *_ in conn.execute(Q["current_exists"], params)}
@@ -336,16 +335,19 @@ def _write_versions(
         existing.add(key)  # a second copy in this batch is an update: the slow path
         seq += 1
         pos = origin.positions[index] if origin else None
-        stamp, raw = version.last_updated, version.raw
-        rows.append((seq, *key, 1, stamp, 0, raw, None, job, pos, hashes[index]))
+        micros, raw = version.last_updated, version.raw
+        if stamp is not None:
+            micros, raw = stamp.micros, stamp.raw(raw)
+        rows.append((seq, *key, 1, micros, 0, raw, None, job, pos, hashes[index]))
         for patient in version.patients:  # a loop, not a generator: one per row adds up
             patients.append((patient, seq))
         result.created += 1
         result.versions.append((version.type, version.id, 1))
-    conn.executemany(Q["insert_version"], rows)
-    conn.executemany(Q["insert_patient"], patients)
+    insert_many(conn, Q["insert_version"], rows)
+    insert_many(conn, Q["insert_patient"], patients)
     if later:
-        resources = [orjson.loads(versions[i].raw) for i in later]
+        raws = [versions[i].raw for i in later]
+        resources = [orjson.loads(stamp.raw(r) if stamp else r) for r in raws]
         positions = Origin(origin.job_id, [origin.positions[i] for i in later]) if origin else None
         rest = _write(resources, now, True, positions, None, conn)
         result.created += rest.created
