@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -115,17 +115,29 @@ class Stamp:
     def pending(cls) -> Stamp:
         """A stand-in for versions prepared before their write: a random token as long
         as an instant. The store puts the time of the transaction that writes them in its
-        place (:func:`restamped`): a version must never commit with a lastUpdated older
+        place (:class:`Restamp`): a version must never commit with a lastUpdated older
         than an export snapshot taken before it, or the next export ``_since`` that
         snapshot's time would miss it."""
         return cls("pending-" + secrets.token_hex(8), 0)
 
 
-def restamped(versions: Sequence[NewVersion], pending: Stamp, now: datetime) -> list[NewVersion]:
-    """``versions`` stamped with ``pending`` (:meth:`Stamp.pending`), stamped at ``now``."""
-    stamp = Stamp.at(now)
-    old, new = pending.instant.encode(), stamp.instant.encode()
-    return [v._replace(raw=v.raw.replace(old, new), last_updated=stamp.micros) for v in versions]
+@dataclass(frozen=True, slots=True)
+class Restamp:
+    """Stamps versions prepared with a pending stamp (:meth:`Stamp.pending`) at the time
+    of the transaction that writes them, one stored JSON at a time: no second list of
+    versions, and no tuple rebuilt per version."""
+
+    old: bytes
+    new: bytes
+    micros: int
+
+    @classmethod
+    def of(cls, pending: Stamp, now: datetime) -> Restamp:
+        stamp = Stamp.at(now)
+        return cls(pending.instant.encode(), stamp.instant.encode(), stamp.micros)
+
+    def raw(self, raw: bytes) -> bytes:
+        return raw.replace(self.old, self.new)
 
 
 def first_version(resource: dict[str, Any], stamp: Stamp) -> NewVersion:
