@@ -133,3 +133,11 @@ class StoreError(ExportSvcError):
 
     status = 503
     retriable = True
+
+
+class PreparingFailed(ExportSvcError):
+    """The process that prepares import lines ended (killed?): the batch resumes from its
+    last checkpoint with a new one."""
+
+    status = 503
+    retriable = True

@@ -44,7 +44,8 @@ def stores(
             migrate=migrate,
         )
         return PostgresOperationDataStore(postgres), PostgresResourceStore(postgres)
-    database = SqliteDatabase(settings.database_path)
+    # A reader per task the worker runs at once: each export item reads on its own.
+    database = SqliteDatabase(settings.database_path, readers=settings.worker_concurrency)
     return SqliteOperationDataStore(database), SqliteResourceStore(database)
 
 

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     """The most inputs one ``$import`` may name; more: ``400``."""
     import_lines_per_commit: int = Field(default=50_000, ge=1)
     """A batch checkpoints (one transaction) after this many lines ..."""
-    import_commit_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    import_commit_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """... or once its pending resources hold this many bytes: memory stays bounded."""
 
     # export loop

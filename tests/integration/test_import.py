@@ -4,6 +4,8 @@ duplicates, bad requests, cancel, http inputs, retry of failed batches, a crash 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -19,6 +21,7 @@ from pydantic import SecretStr
 from datastore.resources import ResourceStore
 from exportsvc.api.keys import DESTINATIONS, OPERATIONS, RESOURCES, SECRETS
 from exportsvc.import_task import ImportBatchTask
+from exportsvc.preparer import PREPARER
 from exportsvc.records import ImportBatchRecord, ImportJobRecord, JobStatus, utcnow
 from exportsvc.settings import Settings
 from exportsvc.sources import SourceReader
@@ -352,6 +355,47 @@ async def test_retry_runs_only_the_failed_batches(settings: Settings, tmp_path: 
             assert report.ok, report.render()
     finally:
         SourceReader.read_from = original  # type: ignore[method-assign]
+
+
+async def test_a_killed_preparing_process_costs_a_retry_not_a_line(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process that prepares blocks is SIGKILLed between two blocks: the batch
+    fails retriably, resumes from its checkpoint with a new one, and the store ends
+    with every line exactly once."""
+    root = tmp_path / "inputs"
+    root.mkdir()
+    path = root / "in.ndjson"
+    lines = [orjson.dumps({"resourceType": "Patient", "id": f"p{i}"}) + b"\n" for i in range(60)]
+    path.write_bytes(b"".join(lines))
+    original, calls, killed = PREPARER.call, 0, []
+
+    def kill_on_the_third_block(fn: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            child = original(os.getpid)  # the child's pid, from the child
+            os.kill(child, signal.SIGKILL)
+            killed.append(child)
+        return original(fn)
+
+    monkeypatch.setattr(PREPARER, "call", kill_on_the_third_block)
+    update = {"retry_base_seconds": 0.05, "retry_max_seconds": 0.1}
+    async with serve(importer(settings, root, **update), with_worker=True, patients=0) as (
+        server,
+        client,
+    ):
+        status_url = await start_import(client, parameters(path.as_uri()))
+        await finished(client, status_url)
+        batches = await server.app[OPERATIONS].children(status_url.rsplit("/", 1)[1])
+        assert len(killed) == 1, "the third block must have been prepared"
+        hit = [b for b in batches if b.last_error and "preparing import lines" in b.last_error]
+        assert len(hit) == 1, [b.last_error for b in batches]
+        assert all(b.status == JobStatus.COMPLETED for b in batches)
+        report = await validate(server, status_url)
+        assert report.ok, report.render()
+        assert await versions(server.app[RESOURCES]) == {("Patient", f"p{i}"): 1 for i in range(60)}
+    assert original(os.getpid) != killed[0], "a new child prepares after the kill"
 
 
 class _Crash(BaseException):

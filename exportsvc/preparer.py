@@ -1,0 +1,114 @@
+"""The process that prepares import blocks: ``python -m exportsvc.preparer``.
+
+Checking and stamping a block (:func:`exportsvc.ndjson_input.prepare_block`) is pure
+Python. On a thread it takes the GIL from the thread that writes the previous block, so
+the service hands it to a child process of its own, one block at a time, over a pipe:
+the call pickled in, the result pickled out (both ends are this code). The child imports
+only what preparing needs (~18 MB), ignores SIGINT and SIGTERM (stopping is the
+service's: a signal to the whole process group must not break a drain that is still
+preparing its last block) and ends when its input closes, which the service's exit does
+whatever way it ends.
+"""
+
+from __future__ import annotations
+
+import atexit
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from typing import IO, TypeVar
+
+T = TypeVar("T")
+
+
+class PreparerFailed(RuntimeError):
+    """The preparing process ended or answered nonsense; the next call starts another."""
+
+
+class Preparer:
+    """A child process running one call at a time (from any thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn()`` in the child (blocking: run it on a thread). ``fn`` must pickle: a
+        ``functools.partial`` of a module-level function and plain arguments."""
+        with self._lock:
+            process = self._running()
+            assert process.stdin is not None and process.stdout is not None
+            try:
+                pickle.dump(fn, process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                process.stdin.flush()
+                ok, value = pickle.load(process.stdout)
+            except (OSError, EOFError, pickle.PickleError) as exc:
+                self._end(process)
+                raise PreparerFailed("the process preparing import lines ended") from exc
+        if not ok:
+            raise value
+        result: T = value
+        return result
+
+    def _running(self) -> subprocess.Popen[bytes]:
+        process = self._process
+        if process is None or process.poll() is not None:
+            command = [sys.executable, "-m", "exportsvc.preparer"]
+            process = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=1 << 20
+            )
+            self._process = process
+        return process
+
+    def _end(self, process: subprocess.Popen[bytes]) -> None:
+        if self._process is process:
+            self._process = None
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                stream.close()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def close(self) -> None:
+        """End the child (it exits on its closed input)."""
+        with self._lock:
+            if self._process is not None:
+                self._end(self._process)
+
+
+def serve(source: IO[bytes], sink: IO[bytes]) -> None:
+    """The child's loop: a pickled call in, ``(True, result)`` or ``(False, error)`` out."""
+    while True:
+        try:
+            fn = pickle.load(source)
+        except EOFError:
+            return
+        try:
+            result = fn()
+        except Exception as exc:
+            try:
+                payload = pickle.dumps((False, exc), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:  # an error that does not pickle
+                payload = pickle.dumps((False, RuntimeError(f"{type(exc).__name__}: {exc}")))
+            sink.write(payload)
+        else:  # streamed in frames: no second copy of the result
+            pickle.dump((True, result), sink, protocol=pickle.HIGHEST_PROTOCOL)
+        del fn
+        sink.flush()
+
+
+PREPARER = Preparer()
+"""The process's one preparer, shared by every import task."""
+atexit.register(PREPARER.close)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    serve(sys.stdin.buffer, sys.stdout.buffer)

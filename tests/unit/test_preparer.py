@@ -1,0 +1,94 @@
+"""The preparing process of imports (``exportsvc.preparer``): real child processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from functools import partial
+
+import pytest
+
+from datastore.versioning import Stamp
+from exportsvc.ndjson_input import Block, prepare_block
+from exportsvc.preparer import Preparer, PreparerFailed
+
+
+def _gone(pid: int, within: float = 10) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_block_is_prepared_in_the_child_as_in_this_process() -> None:
+    data = (
+        b'{"resourceType":"Patient","id":"p1"}\nnot json\n\n{"resourceType":"Patient","id":"p2"}\n'
+    )
+    call = partial(prepare_block, Block(0, data, len(data)), "Patient", 1 << 20, Stamp.pending(), 0)
+    preparer = Preparer()
+    try:
+        assert preparer.call(call) == call()
+    finally:
+        preparer.close()
+
+
+def test_an_error_in_the_call_comes_back_as_itself() -> None:
+    preparer = Preparer()
+    try:
+        with pytest.raises(ValueError, match="invalid literal"):
+            preparer.call(partial(int, "x"))
+        assert preparer.call(partial(int, "7")) == 7  # the child is still there
+    finally:
+        preparer.close()
+
+
+def test_a_killed_child_fails_the_call_and_the_next_call_starts_another() -> None:
+    preparer = Preparer()
+    try:
+        first = preparer.call(os.getpid)
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(PreparerFailed):
+            preparer.call(os.getpid)
+        second = preparer.call(os.getpid)
+        assert second not in (first, os.getpid())
+    finally:
+        preparer.close()
+
+
+def test_the_child_ignores_a_group_sigterm_and_ends_with_its_parent() -> None:
+    """A SIGTERM to the process group does not break a drain's last block; a parent
+    killed outright leaves no child behind."""
+    script = textwrap.dedent(
+        """
+        import os, sys, time
+        from exportsvc.preparer import PREPARER
+        print(PREPARER.call(os.getpid), flush=True)
+        time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        os.kill(child, signal.SIGTERM)
+        time.sleep(0.3)
+        assert not _gone(child, within=0.2), "the child must ignore SIGTERM"
+        parent.kill()
+        parent.wait()
+        assert _gone(child), f"child {child} outlived its killed parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
