@@ -183,12 +183,12 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
             types = [t for t in types if t != "Provenance"]
         items: list[ExportItemRecord] = []
         blocks = 0
-        for type_ in types:
-            bounds = await self.resources.seq_bounds(type_, record.snapshot_seq)
+        # Each type's bounds and counts at once: the store reads them in parallel where
+        # it can (SQLite: a read-only connection per worker slot).
+        measured = await asyncio.gather(*(self._measure(type_) for type_ in types))
+        for type_, bounds, count, deleted in measured:
             if bounds is None:
                 continue
-            query = await export_query(self.resources, request, record.snapshot_seq, type_)
-            count = await self.resources.count(query)
             parts = math.ceil(count / self.settings.export_item_resources)
             if request.organize_by:  # every type goes into the one item of blocks
                 blocks, parts = blocks + count, 0
@@ -198,11 +198,9 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
                 after, last = low + part * step, min(low + (part + 1) * step, high)
                 items.append(self._item(type_, part if parts > 1 else None, after, last))
                 items[-1].total_estimate = count // parts + (part < count % parts)
-            if request.since is not None:  # deleted[]: one item per type with deletions
-                deleted = await self.resources.count_deletions(query)
-                if deleted:
-                    items.append(self._item(type_, None, low, high, content="deleted"))
-                    items[-1].total_estimate = deleted
+            if deleted:  # deleted[] (with _since): one item per type with deletions
+                items.append(self._item(type_, None, low, high, content="deleted"))
+                items[-1].total_estimate = deleted
         if blocks:  # before the deletions: its files are the output
             items.insert(
                 0, self._item("Patient", None, 0, record.snapshot_seq, content="organized")
@@ -222,6 +220,18 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
         for n, item in enumerate(items):  # distinct, increasing: leased in plan order
             item.created_at = record.created_at + timedelta(microseconds=n + 1)
         return items
+
+    async def _measure(self, type_: str) -> tuple[str, tuple[int, int] | None, int, int]:
+        """``type_``'s sequence bounds, count and (with ``_since``) deletions."""
+        record, request = self.record, self.record.request
+        bounds = await self.resources.seq_bounds(type_, record.snapshot_seq)
+        if bounds is None:
+            return type_, None, 0, 0
+        query = await export_query(self.resources, request, record.snapshot_seq, type_)
+        count = await self.resources.count(query)
+        since = request.since is not None
+        deleted = await self.resources.count_deletions(query) if since else 0
+        return type_, bounds, count, deleted
 
     def _item(
         self,
