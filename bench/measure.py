@@ -10,6 +10,7 @@ service process. Every process and folder a measurement makes is gone when it re
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 from datetime import datetime
@@ -41,12 +42,20 @@ def repeated(ctx: Context, fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]
     return best([fn(ctx, *args, **kwargs) for _ in range(ctx.repeat)])
 
 
+def quiet_disk() -> None:
+    """Write back what earlier work left dirty (a store just copied, files just removed)
+    before a measurement starts, ideal loop or service alike: otherwise that writeback
+    competes with the measured writes and fsyncs of whichever runs next."""
+    os.sync()
+
+
 # -- ideal loops ----------------------------------------------------------------------
 
 
 def ideal_files(ctx: Context, size: int) -> dict[str, Any]:
     out = ctx.scratch("ideal-fs")
     try:
+        quiet_disk()
         started = time.perf_counter()
         resources, nbytes = scan_to_files(ctx.store(size) / "exportsvc.sqlite3", out)
         return measured(resources, nbytes, time.perf_counter() - started)
@@ -58,6 +67,7 @@ def ideal_files_postgres(ctx: Context, size: int) -> dict[str, Any]:
     dsn = ctx.postgres().dsn_for(ctx.postgres_store(size))
     out = ctx.scratch("ideal-fs-postgres")
     try:
+        quiet_disk()
         started = time.perf_counter()
         resources, nbytes = asyncio.run(scan_postgres_to_files(dsn, out))
         return measured(resources, nbytes, time.perf_counter() - started)
@@ -71,6 +81,7 @@ def ideal_azure(ctx: Context, size: int, *, overlapped: bool) -> dict[str, Any]:
         container = ContainerClient.from_connection_string(azurite.connection_string, "ideal")
         container.create_container()
         try:
+            quiet_disk()
             started = time.perf_counter()
             resources, nbytes = scan_to_azure(store, container, "ideal", overlapped=overlapped)
             return measured(resources, nbytes, time.perf_counter() - started)
@@ -82,12 +93,14 @@ def ideal_import(ctx: Context, size: int, *, backend: str) -> dict[str, Any]:
     files = sorted(ctx.inputs(size).glob("*.ndjson"))
     if backend == "postgres":
         dsn = ctx.new_database()
+        quiet_disk()
         started = time.perf_counter()
         resources, nbytes = asyncio.run(load_postgres(files, dsn))
         return measured(resources, nbytes, time.perf_counter() - started)
     data = ctx.scratch("ideal-import")
     try:
         run_cli(data, "migrate")
+        quiet_disk()
         started = time.perf_counter()
         resources, nbytes = load_sqlite(files, data / "exportsvc.sqlite3")
         return measured(resources, nbytes, time.perf_counter() - started)
@@ -138,6 +151,7 @@ def _service_export(ctx: Context, size: int, azure: str | None, backend: str) ->
     try:
         with Service(data, data / "serve.log", **settings) as service:
             idle = service.rss_kib()
+            quiet_disk()
             started = time.perf_counter()
             response = http_json(f"{service.url}/$export", headers=EXPORT_HEADERS)
             manifest = _follow(service, response)
@@ -205,6 +219,7 @@ def service_import(ctx: Context, size: int, *, backend: str) -> dict[str, Any]:
     try:
         with Service(data, data / "serve.log", **settings) as service:
             idle = service.rss_kib()
+            quiet_disk()
             started = time.perf_counter()
             response = http_json(
                 f"{service.url}/$import",
