@@ -55,7 +55,10 @@ class Preparer:
 
     def _running(self) -> subprocess.Popen[bytes]:
         process = self._process
-        if process is None or process.poll() is not None:
+        if process is not None and process.poll() is not None:
+            self._end(process)  # died between two calls: a new one, transparently
+            process = None
+        if process is None:
             command = [sys.executable, "-m", "exportsvc.preparer"]
             process = subprocess.Popen(
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=1 << 20

@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -370,16 +373,17 @@ async def test_a_killed_preparing_process_costs_a_retry_not_a_line(
     path.write_bytes(b"".join(lines))
     original, calls, killed = PREPARER.call, 0, []
 
-    def kill_on_the_third_block(fn: Any) -> Any:
+    def kill_during_the_third_block(fn: Any) -> Any:
         nonlocal calls
         calls += 1
-        if calls == 3:
-            child = original(os.getpid)  # the child's pid, from the child
-            os.kill(child, signal.SIGKILL)
+        if calls == 3:  # the child dies while it prepares (a sleep stands for the work)
+            child = original(os.getpid)
             killed.append(child)
+            threading.Timer(0.2, os.kill, (child, signal.SIGKILL)).start()
+            original(partial(time.sleep, 10))
         return original(fn)
 
-    monkeypatch.setattr(PREPARER, "call", kill_on_the_third_block)
+    monkeypatch.setattr(PREPARER, "call", kill_during_the_third_block)
     update = {"retry_base_seconds": 0.05, "retry_max_seconds": 0.1}
     async with serve(importer(settings, root, **update), with_worker=True, patients=0) as (
         server,

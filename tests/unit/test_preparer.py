@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from functools import partial
 
@@ -50,17 +51,41 @@ def test_an_error_in_the_call_comes_back_as_itself() -> None:
         preparer.close()
 
 
-def test_a_killed_child_fails_the_call_and_the_next_call_starts_another() -> None:
+def test_a_child_killed_during_a_call_fails_it_and_the_next_call_starts_another() -> None:
     preparer = Preparer()
     try:
         first = preparer.call(os.getpid)
-        os.kill(first, signal.SIGKILL)
+        threading.Timer(0.3, os.kill, (first, signal.SIGKILL)).start()
         with pytest.raises(PreparerFailed):
-            preparer.call(os.getpid)
+            preparer.call(partial(time.sleep, 10))
         second = preparer.call(os.getpid)
         assert second not in (first, os.getpid())
     finally:
         preparer.close()
+
+
+def test_a_child_dead_between_calls_is_replaced_without_a_failure() -> None:
+    preparer = Preparer()
+    try:
+        first = preparer.call(os.getpid)
+        os.kill(first, signal.SIGKILL)
+        assert _gone_or_zombie(first)
+        assert preparer.call(os.getpid) not in (first, os.getpid())
+    finally:
+        preparer.close()
+
+
+def _gone_or_zombie(pid: int, within: float = 10) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def test_the_child_ignores_a_group_sigterm_and_ends_with_its_parent() -> None:
