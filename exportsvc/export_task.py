@@ -268,6 +268,8 @@ class ExportPlanTask(JobTask[ExportJobRecord]):
 
 class ExportItemTask(JobTask[ExportItemRecord]):
     _provenance: AssociatedProvenance | None = None
+    _pages_since_commit = 0
+    _last_commit = 0.0
 
     @property
     def container(self) -> str | None:
@@ -288,6 +290,7 @@ class ExportItemTask(JobTask[ExportItemRecord]):
         record = self.record
         if record.started_at is None:
             record.started_at = utcnow()
+        self._last_commit = time.monotonic()
         if record.content == "organized":
             await self._run_blocks()
             return
@@ -298,7 +301,6 @@ class ExportItemTask(JobTask[ExportItemRecord]):
             self._provenance = AssociatedProvenance(self.resources, record.request, query)
             query = self._provenance.query
             await self._provenance.prepare(self.settings.page_size)
-        pages_since_commit, last_commit = 0, time.monotonic()
         # The next page is read while this one is written: the store and the destination
         # work at the same time. A page read ahead is written only after the pages before
         # it; a stop drops it unwritten (no checkpoint covers it).
@@ -324,14 +326,7 @@ class ExportItemTask(JobTask[ExportItemRecord]):
                 record.after_seq = page.next_after
                 record.done = page.last
                 record.resources_done += page.count
-                record.pages_read += 1
-                pages_since_commit += 1
-                if (
-                    pages_since_commit >= self.settings.commit_every_pages
-                    or time.monotonic() - last_commit >= self.settings.commit_interval_seconds
-                ):
-                    await self._checkpoint()
-                    pages_since_commit, last_commit = 0, time.monotonic()
+                await self._page_done()
         finally:
             if ahead is not None:
                 await _drop(ahead)
@@ -339,6 +334,19 @@ class ExportItemTask(JobTask[ExportItemRecord]):
             return
         await self._checkpoint()
         await self._complete()
+
+    async def _page_done(self) -> None:
+        """A page is written: checkpoint every ``commit_every_pages`` pages or
+        ``commit_interval_seconds``, whichever comes first."""
+        self.record.pages_read += 1
+        self._pages_since_commit += 1
+        settings = self.settings
+        if (
+            self._pages_since_commit >= settings.commit_every_pages
+            or time.monotonic() - self._last_commit >= settings.commit_interval_seconds
+        ):
+            await self._checkpoint()
+            self._pages_since_commit, self._last_commit = 0, time.monotonic()
 
     async def _read(self, query: ExportQuery, after: int) -> Page:
         """The page after the continuation point ``after``: the stored bytes of each
@@ -406,7 +414,6 @@ class ExportItemTask(JobTask[ExportItemRecord]):
             patients=scope.patients,
         )
         blocks = BlockWriter(self, query, record.after_patient or None)
-        pages_since_commit, last_commit = 0, time.monotonic()
         while not record.done:
             if await self._stop_requested():
                 return
@@ -416,14 +423,7 @@ class ExportItemTask(JobTask[ExportItemRecord]):
             if rows:
                 record.after_patient, record.after_seq = rows[-1].patient, rows[-1].seq
             record.done = last
-            record.pages_read += 1
-            pages_since_commit += 1
-            if (
-                pages_since_commit >= self.settings.commit_every_pages
-                or time.monotonic() - last_commit >= self.settings.commit_interval_seconds
-            ):
-                await self._checkpoint()
-                pages_since_commit, last_commit = 0, time.monotonic()
+            await self._page_done()
         if await self._stop_requested():
             return
         await self._checkpoint()
