@@ -184,6 +184,17 @@ def resume_mismatches(events: list[LogEvent]) -> list[Mismatch]:
     return mismatches
 
 
+def next_checkpoint(last_logged: int, at: int, pages: int = COMMIT_EVERY_PAGES) -> bool:
+    """Whether ``at`` can be the checkpoint after one at ``last_logged``.
+
+    A kill between a checkpoint's save and its log line leaves that checkpoint unlogged,
+    and the next start resumes it: one commit interval of ``pages`` past the last logged
+    one, or sooner when it was an item's last checkpoint, after its final (possibly
+    empty) page.
+    """
+    return last_logged < at <= last_logged + pages
+
+
 def starts_by_unit(events: Iterable[LogEvent]) -> dict[str, list[LogEvent]]:
     """``job.started`` lines that read pages, per unit, in lease order."""
     starts: dict[str, list[LogEvent]] = {}
@@ -321,17 +332,15 @@ def test_kill_9_loop_resumes_from_the_last_checkpoint(
             later = [s for s in starts.get(unit, []) if s.number("version") > version]
             assert later, f"{unit}, held by {kill.worker} when killed, never started again"
             assert later[0].number("pages_read") == pages_read, (str(later[0]), kill)
-    # A kill between a checkpoint's save and its log line leaves that checkpoint unlogged:
-    # then the next start is the next checkpoint after the last logged one (at most one
-    # commit interval on: the item's last checkpoint, after its final page, may come
-    # sooner), and equals what the record held after the kill (checked above).
+    # A start past the last logged checkpoint resumed an unlogged one: the next checkpoint
+    # after it, and what the record held after a kill (checked above).
     mismatches = resume_mismatches(lifecycle)
     unlogged = [
         m
         for m in mismatches
         if any(
             kill.held.get(m.started.fields["job"], (0, None))[1] == m.started.number("pages_read")
-            and m.expected < m.started.number("pages_read") <= m.expected + COMMIT_EVERY_PAGES
+            and next_checkpoint(m.expected, m.started.number("pages_read"))
             for kill in kills
         )
     ]

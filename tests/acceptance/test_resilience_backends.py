@@ -88,6 +88,7 @@ from .test_resilience import (
     assert_resumed_at,
     assert_woke_and_wrote_nothing,
     file_sizes,
+    next_checkpoint,
     of_units,
     output_folder,
     owner_of,
@@ -261,11 +262,11 @@ class KillLoop:
 
 
 def export_commit(pages: int = COMMIT_EVERY_PAGES) -> OneCommit:
-    """One commit interval of ``pages`` pages."""
+    """The next checkpoint, with a commit every ``pages`` pages."""
 
     def one_commit(before: LogEvent | None, started: LogEvent) -> bool:
         base = before.number("pages_read") if before is not None else 0
-        return started.number("pages_read") == base + pages
+        return next_checkpoint(base, started.number("pages_read"), pages)
 
     return one_commit
 
