@@ -15,7 +15,7 @@ import itertools
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
@@ -168,6 +168,11 @@ Checkpoint = Callable[[WriteResult], "JobRecord"]
 
 
 class ResourceStore(abc.ABC):
+    hashes_content: ClassVar[bool] = False
+    """Whether :meth:`write_versions` compares contents by ``NewVersion.content_hash``:
+    whoever prepares versions for it computes that hash from the parsed resource
+    (``first_version(..., hashed=True)``), so the store need not parse them again."""
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect and create the schema."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +50,14 @@ def content_without_meta(resource: Mapping[str, Any]) -> dict[str, Any]:
     return body
 
 
+def content_hash(content: Mapping[str, Any]) -> bytes:
+    """The hash two versions share exactly when their contents (without the server's
+    meta: ``content_without_meta``) are the same JSON: objects compared whatever their
+    key order, every value as parsed, so ``1`` and ``1.0`` differ as their bytes do."""
+    canonical = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(canonical, digest_size=16).digest()
+
+
 class NewVersion(NamedTuple):
     """A version ready to insert. A tuple: cheap to build and to pickle (seeding sends
     them between processes by the hundred thousand)."""
@@ -59,6 +68,9 @@ class NewVersion(NamedTuple):
     last_updated: int
     raw: bytes
     patients: frozenset[str]
+    content_hash: bytes | None = None
+    """:func:`content_hash` of its content, when the store compares by it
+    (``ResourceStore.hashes_content``) and the version was prepared for it."""
 
 
 def new_version(
@@ -140,17 +152,20 @@ class Restamp:
         return raw.replace(self.old, self.new)
 
 
-def first_version(resource: dict[str, Any], stamp: Stamp) -> NewVersion:
+def first_version(resource: dict[str, Any], stamp: Stamp, *, hashed: bool = False) -> NewVersion:
     """``resource`` as version 1 written at ``stamp``: exactly what :func:`new_version`
     makes of it when there is no previous version (a store that finds one after all hands
     the version back to :func:`new_version`). It takes ``resource`` over: the meta is
-    stamped in place, which saves copying every freshly parsed line."""
+    stamped in place, which saves copying every freshly parsed line. ``hashed``: with its
+    :func:`content_hash`."""
     meta = resource.get("meta")
     if meta:  # a JSON object: the caller checked
         meta.pop("versionId", None)
         meta.pop("lastUpdated", None)
     if not meta:  # as content_without_meta: no meta left, a new one goes last
         resource.pop("meta", None)
+    digest = content_hash(resource) if hashed else None  # now it is content_without_meta
+    if not meta:
         meta = resource["meta"] = {}
     meta["versionId"] = "1"
     meta["lastUpdated"] = stamp.instant
@@ -161,4 +176,5 @@ def first_version(resource: dict[str, Any], stamp: Stamp) -> NewVersion:
         stamp.micros,
         _right_sized(orjson.dumps(resource)),
         patient_ids(resource),
+        digest,
     )

@@ -114,6 +114,7 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
                     stamp,
                     base,
                     settings.import_max_depth,
+                    self.resources.hashes_content,
                 )
                 end = block.end
                 del block  # with its bytes gone, memory holds one block's worth, not two

@@ -264,10 +264,12 @@ def prepare_block(
     stamp: Stamp,
     position_base: int,
     max_depth: int = MAX_DEPTH,
+    hashed: bool = False,
 ) -> Prepared:
     """Check every line of ``block`` (blank lines are skipped) and stamp each valid one
     as a first version: each line is parsed once, straight from the block's bytes (no
-    copy per line), and only its stamped bytes are kept."""
+    copy per line), and only its stamped bytes are kept (``hashed``: with their content
+    hash, for a store that compares by it: ``ResourceStore.hashes_content``)."""
     prepared = Prepared()
     if block.data is None:
         prepared.refused.append((0, block.offset, f"the line is longer than {max_bytes} bytes"))
@@ -287,7 +289,7 @@ def prepare_block(
                 view[start:stop], expected_type, max_depth=max_depth, brackets=brackets
             )
             if not isinstance(resource, str):
-                version = first_version(resource, stamp)
+                version = first_version(resource, stamp, hashed=hashed)
                 versions.append(version)
                 positions.append(position_base + block.offset + start)
                 counts[version.type] = counts.get(version.type, 0) + 1

@@ -15,14 +15,13 @@ with a time after it (``ResourceStore.snapshot``): it is staged with a pending s
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import orjson
 
-from datastore.versioning import Stamp, content_without_meta, parse_instant
+from datastore.versioning import Stamp, content_hash, content_without_meta, parse_instant
 from exportsvc.fhir.compartment import patient_ids
 
 
@@ -39,14 +38,6 @@ class Staged(NamedTuple):
     stamp_at: int | None
     """Where ``tail`` holds the write's stamp, 1-based (PostgreSQL's ``overlay``); None
     when the resource keeps its own lastUpdated."""
-
-
-def content_hash(content: Mapping[str, Any]) -> bytes:
-    """The hash two versions share exactly when their contents (without the server's
-    meta: ``content_without_meta``) are the same JSON: objects compared whatever their
-    key order, every value as parsed, so ``1`` and ``1.0`` differ as their bytes do."""
-    canonical = orjson.dumps(content, option=orjson.OPT_SORT_KEYS)
-    return hashlib.blake2b(canonical, digest_size=16).digest()
 
 
 def stage(
@@ -81,3 +72,24 @@ def stage(
 
 def new_marker() -> str:
     return secrets.token_hex(16)
+
+
+PENDING_STAMP_AT = len(b'","lastUpdated":"') + 1
+"""Where the tail of a first version stamped with a pending stamp holds it (1-based)."""
+
+
+def first_version_marker(pending: Stamp) -> bytes:
+    """What :func:`datastore.versioning.first_version` ends a meta with when it stamps
+    it with ``pending``: the version number, then the pending stamp, a random token that
+    no input holds, so the marker is found once and only there."""
+    return b'"versionId":"1","lastUpdated":"' + pending.instant.encode()
+
+
+def split_first_version(raw: bytes, marker: bytes) -> tuple[bytes, bytes]:
+    """A first version's bytes (``marker``: :func:`first_version_marker`) as ``head`` and
+    ``tail`` around its version number, as :func:`stage` makes them, without parsing."""
+    at = raw.find(marker)
+    if at < 0:
+        raise ValueError("a version without the pending stamp of its write")
+    number = at + len(b'"versionId":"')
+    return raw[:number], raw[number + 1 :]

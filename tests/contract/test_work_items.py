@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
+import orjson
 import pytest
 
 from datastore.operations import OperationDataStore
@@ -126,12 +127,13 @@ def patient(id_: str, family: str) -> dict[str, Any]:
 Write = Callable[..., Awaitable[WriteResult]]
 
 
-@pytest.fixture(params=["write", "write_versions"])
+@pytest.fixture(params=["write", "write_versions", "import"])
 def write(
     request: pytest.FixtureRequest, stores: tuple[OperationDataStore, ResourceStore]
 ) -> Write:
-    """One write, as resources (``write``) or as versions stamped beforehand, the way an
-    import prepares them (``write_versions``): the same rules either way."""
+    """One write, as resources (``write``), as versions stamped beforehand
+    (``write_versions``), or as an import prepares them, with a pending stamp and, for a
+    store that compares by it, the content hash: the same rules every way."""
     _, resources = stores
     if request.param == "write":
         return resources.write
@@ -140,7 +142,13 @@ def write(
         stamp = Stamp.at(utcnow())
         return await resources.write_versions([first_version(r, stamp) for r in batch], **kwargs)
 
-    return write_versions
+    async def write_as_imported(batch: Sequence[Mapping[str, Any]], **kwargs: Any) -> WriteResult:
+        pending, hashed = Stamp.pending(), resources.hashes_content
+        lines = [orjson.loads(orjson.dumps(r)) for r in batch]  # parsed, as an import does
+        versions = [first_version(r, pending, hashed=hashed) for r in lines]
+        return await resources.write_versions(versions, restamp=pending, **kwargs)
+
+    return write_versions if request.param == "write_versions" else write_as_imported
 
 
 async def test_a_later_line_always_wins(

@@ -6,10 +6,23 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 
-from datastore.postgres.staging import Staged, content_hash, stage
-from datastore.versioning import Stamp, content_without_meta, new_version
+from datastore.postgres.staging import (
+    PENDING_STAMP_AT,
+    Staged,
+    first_version_marker,
+    split_first_version,
+    stage,
+)
+from datastore.versioning import (
+    Stamp,
+    content_hash,
+    content_without_meta,
+    first_version,
+    new_version,
+)
 
 NOW = datetime(2026, 11, 23, 1, 2, 3, 456789, tzinfo=UTC)
 STAMP = Stamp.at(NOW)
@@ -25,6 +38,14 @@ RESOURCES: list[dict[str, Any]] = [
     },
     {"resourceType": "Patient", "id": "b", "meta": {"lastUpdated": "2024-02-03T04:05:06.789Z"}},
     {"resourceType": "Patient", "id": "c", "meta": {}, "text": {"div": "versionId ünïcode"}},
+    {  # a contained resource with a meta of its own, as first_version writes one
+        "resourceType": "Observation",
+        "id": "d",
+        "contained": [
+            {"resourceType": "Patient", "id": "x", "meta": {"versionId": "1", "lastUpdated": "x"}}
+        ],
+        "meta": {"profile": ["http://example.org/p"]},
+    },
 ]
 
 
@@ -93,3 +114,25 @@ def test_content_hash_ignores_key_order_and_the_servers_meta_only() -> None:
 def test_a_resource_needs_a_type_and_an_id() -> None:
     with pytest.raises(ValueError, match="resourceType and id"):
         stage({"resourceType": "Patient"}, STAMP, keep_last_updated=False, marker="m")
+
+
+@pytest.mark.parametrize("resource", RESOURCES)
+def test_an_imported_line_stages_from_its_bytes_as_its_resource_does(
+    resource: dict[str, Any],
+) -> None:
+    """An import's first version (stamped pending, hashed) split around its number
+    without parsing: the head, tail, stamp place and content hash that staging the
+    resource makes."""
+    pending = Stamp.pending()
+    staged = stage(resource, pending, keep_last_updated=False, marker="m4rk3r")
+    version = first_version(orjson.loads(orjson.dumps(resource)), pending, hashed=True)
+    head, tail = split_first_version(version.raw, first_version_marker(pending))
+    assert (head, tail, PENDING_STAMP_AT) == (staged.head, staged.tail, staged.stamp_at)
+    assert version.content_hash == staged.content_hash
+    assert version.patients == staged.patients
+
+
+def test_a_version_without_the_pending_stamp_is_refused() -> None:
+    version = first_version({"resourceType": "Patient", "id": "a"}, STAMP)
+    with pytest.raises(ValueError, match="pending stamp"):
+        split_first_version(version.raw, first_version_marker(Stamp.pending()))

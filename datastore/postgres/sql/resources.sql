@@ -17,8 +17,10 @@ WHERE type = $1 AND id = $2 AND next_seq IS NULL;
 -- temporary tables of the session, emptied when each transaction ends. The merge's
 -- estimated cost is far above jit_above_cost (the staged rows are never analyzed), and
 -- compiling it would take longer than running it: no JIT in this transaction. Nor the
--- notice "already exists, skipping" at every write.
+-- notice "already exists, skipping" at every write. The merge sorts the staged bytes
+-- (4 MiB and more) to join them: in memory, not through a temporary file.
 SET LOCAL jit = off;
+SET LOCAL work_mem = '64MB';
 SET LOCAL client_min_messages = warning;
 CREATE TEMP TABLE IF NOT EXISTS write_staging (
     idx          integer NOT NULL,
@@ -128,9 +130,10 @@ WITH staged AS (
         next_seq = coalesce(b.successor, r.next_seq),
         import_job = CASE WHEN b.confirmed_pos IS NULL THEN r.import_job ELSE $2 END,
         import_pos = coalesce(b.confirmed_pos, r.import_pos)
-    FROM before AS b
+    FROM before AS b  -- the array: as in merge_distinct's superseded
     WHERE r.seq = b.prev_seq
       AND (b.successor IS NOT NULL OR ($2::text IS NOT NULL AND b.confirmed_pos IS NOT NULL))
+      AND r.seq = ANY (ARRAY(SELECT prev_seq FROM before))
 ), inserted AS (
     INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq,
                            import_job, import_pos, content_hash)
@@ -169,12 +172,18 @@ WITH staged AS (
     SELECT t.*, $1::bigint + row_number() OVER (ORDER BY t.idx) AS seq
     FROM staged AS t WHERE t.changed AND NOT t.skipped
 ), superseded AS (
+    -- The array makes these a look-up per predecessor: joined on prev_seq alone, the
+    -- planner, which takes every staged row for one with a predecessor, hashed the whole
+    -- table at every write (an import into an empty store has none).
     UPDATE resources AS r SET next_seq = n.seq
-    FROM numbered AS n WHERE r.seq = n.prev_seq
+    FROM numbered AS n
+    WHERE r.seq = n.prev_seq
+      AND r.seq = ANY (ARRAY(SELECT prev_seq FROM numbered WHERE prev_seq IS NOT NULL))
 ), confirmed AS (
     UPDATE resources AS r SET import_job = $2, import_pos = t.import_pos
     FROM staged AS t
     WHERE $2::text IS NOT NULL AND r.seq = t.prev_seq AND NOT t.changed AND NOT t.skipped
+      AND r.seq = ANY (ARRAY(SELECT prev_seq FROM staged WHERE NOT changed AND NOT skipped))
 ), inserted AS (
     INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq,
                            import_job, import_pos, content_hash)
