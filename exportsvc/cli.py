@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 
 from datastore.postgres import SchemaError
-from exportsvc import logs
+from exportsvc import allocator, logs
 from exportsvc.api import create_app
 from exportsvc.api.server import serve
 from exportsvc.auth.app import AuthConfigError
@@ -158,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("serve", "worker"):
+        allocator.limit_arenas()  # before any thread starts
     settings = Settings()
     logs.configure()
     try:
