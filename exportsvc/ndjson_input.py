@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -255,6 +256,24 @@ class Prepared:
     """Each refused line: its index in the block, its input offset, the reason."""
     counts: dict[str, int] = field(default_factory=dict)
     """Valid lines per resourceType."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (to and from the preparing process) by columns: a tuple a version
+        pickles through Python code (``__getnewargs__``), columns of plain values in C
+        (a 4 MiB block: 6.7 ms instead of 26 ms)."""
+        columns = tuple(map(list, zip(*self.versions, strict=True)))
+        return _prepared, (self.lines, columns, self.positions, self.refused, self.counts)
+
+
+def _prepared(
+    lines: int,
+    columns: tuple[list[Any], ...],
+    positions: list[int],
+    refused: list[tuple[int, int, str]],
+    counts: dict[str, int],
+) -> Prepared:
+    versions = list(map(partial(tuple.__new__, NewVersion), zip(*columns, strict=True)))
+    return Prepared(lines, versions, positions, refused, counts)
 
 
 def prepare_block(

@@ -13,7 +13,7 @@ from functools import partial
 
 import pytest
 
-from datastore.versioning import Stamp
+from datastore.versioning import NewVersion, Stamp
 from exportsvc.ndjson_input import Block, prepare_block
 from exportsvc.preparer import Preparer, PreparerFailed
 
@@ -29,14 +29,19 @@ def _gone(pid: int, within: float = 10) -> bool:
     return False
 
 
-def test_a_block_is_prepared_in_the_child_as_in_this_process() -> None:
+@pytest.mark.parametrize("hashed", [False, True])
+def test_a_block_is_prepared_in_the_child_as_in_this_process(hashed: bool) -> None:
     data = (
         b'{"resourceType":"Patient","id":"p1"}\nnot json\n\n{"resourceType":"Patient","id":"p2"}\n'
     )
-    call = partial(prepare_block, Block(0, data, len(data)), "Patient", 1 << 20, Stamp.pending(), 0)
+    block = Block(0, data, len(data))
+    call = partial(prepare_block, block, "Patient", 1 << 20, Stamp.pending(), 0, hashed=hashed)
     preparer = Preparer()
     try:
-        assert preparer.call(call) == call()
+        prepared = preparer.call(call)
+        assert prepared == call()
+        assert [type(v) for v in prepared.versions] == [NewVersion, NewVersion]
+        assert [v.patients for v in prepared.versions] == [frozenset({"p1"}), frozenset({"p2"})]
     finally:
         preparer.close()
 
