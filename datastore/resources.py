@@ -88,9 +88,9 @@ class Page:
     ndjson: bytes
     """The stored JSON of each matching resource in ``seq`` order, each on a line of its
     own that ends in a newline (stored JSON is compact: it holds no raw newline). This is
-    what an export writes, as one object: a store joins the page itself (SQLite and
-    PostgreSQL in SQL), so reading a page makes no Python object per resource and, on
-    SQLite, gives up the GIL once per page rather than once per row."""
+    what an export writes, as one object. SQLite joins it in SQL, so reading a page makes
+    no Python object per resource and gives up the GIL once per page rather than once per
+    row; PostgreSQL's rows are decoded by asyncpg in C and joined once (``Page.of``)."""
     count: int
     """How many resources (lines) ``ndjson`` holds."""
     next_after: int

@@ -52,7 +52,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
-from functools import cache
 from typing import Any, NamedTuple
 
 import orjson
@@ -92,18 +91,6 @@ OPS = queries("operations.sql")
 COPY_THRESHOLD = 1000
 """From this many rows on, a write stages its resources and their compartment rows
 by binary ``COPY``; smaller batches by one ``INSERT``."""
-
-
-@cache
-def _joined(name: str) -> str:
-    """Page query ``name`` as one row: (count, last seq, the page's ndjson), joined by
-    the server in ``seq`` order: one value to decode instead of a record per row."""
-    inner = Q[name].rstrip(";")
-    return (
-        "SELECT count(*), max(seq),"
-        " string_agg(raw, '\\x0a'::bytea ORDER BY seq) || '\\x0a'::bytea"
-        f" FROM ({inner}) AS page"
-    )
 
 
 def _filter_args(query: ExportQuery) -> tuple[str, list[Any], list[Any]]:
@@ -297,10 +284,13 @@ class PostgresResourceStore(ResourceStore):
         variant, args, tail = _filter_args(query)
         async with self.db.connection() as conn:
             rows = await conn.fetch(
-                _joined(f"page_{variant}"), *args, after_seq, limit, *tail, query.upper_seq
+                Q[f"page_{variant}"], *args, after_seq, limit, *tail, query.upper_seq
             )
-        count, last_seq, ndjson = rows[0]  # an aggregate: always one row
-        return Page(ndjson or b"", count, last_seq or after_seq, count < limit)
+        # Rows, joined here: asyncpg decodes them in C without the GIL switches that made
+        # SQLite join its pages in SQL, and string_agg(raw ORDER BY seq) sorted each page
+        # again on the server (a 100k export: 0.66-0.68 s that way, 0.55-0.60 s so).
+        last = rows[-1][0] if rows else after_seq
+        return Page.of([r[1] for r in rows], last, len(rows) < limit)
 
     async def count(self, query: ExportQuery) -> int:
         variant, args, tail = _filter_args(query)
