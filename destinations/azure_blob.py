@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -309,7 +309,7 @@ class AzureBlobDestination(ExportDestinationClient):
 
     # -- reading ----------------------------------------------------------------------
 
-    async def _read(self, name: str, chunk: int) -> AsyncIterator[bytes]:
+    async def _read(self, name: str, chunk: int) -> AsyncGenerator[bytes, None]:
         """Ranged downloads of ``chunk`` bytes, each conditional on the first ETag."""
         blob = self._blob(name)
         props = await blob.get_blob_properties()

@@ -13,7 +13,8 @@ Public methods wrap protected hooks and turn backend errors into ``DestinationEr
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -99,11 +100,13 @@ class ExportDestinationClient(abc.ABC):
 
     # -- reading (downloads, DataValidator) ------------------------------------------
 
-    async def read(self, name: str, chunk: int = 1 << 20) -> AsyncIterator[bytes]:
-        """The bytes of ``name``, in chunks."""
+    async def read(self, name: str, chunk: int = 1 << 20) -> AsyncGenerator[bytes, None]:
+        """The bytes of ``name``, in chunks. Close it (``contextlib.aclosing``) when you
+        stop early: that closes what the destination opened."""
         try:
-            async for data in self._read(name, chunk):
-                yield data
+            async with contextlib.aclosing(self._read(name, chunk)) as chunks:
+                async for data in chunks:
+                    yield data
         except Exception as exc:
             raise self._translate(f"read {name}", exc) from exc
 
@@ -139,4 +142,4 @@ class ExportDestinationClient(abc.ABC):
     async def _delete_all(self) -> None: ...
 
     @abc.abstractmethod
-    def _read(self, name: str, chunk: int) -> AsyncIterator[bytes]: ...
+    def _read(self, name: str, chunk: int) -> AsyncGenerator[bytes, None]: ...

@@ -13,7 +13,7 @@ import asyncio
 import fcntl
 import os
 import shutil
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -165,7 +165,7 @@ class FilesystemDestination(ExportDestinationClient):
     def local_path(self, name: str) -> Path | None:
         return self._path(name)
 
-    async def _read(self, name: str, chunk: int) -> AsyncIterator[bytes]:
+    async def _read(self, name: str, chunk: int) -> AsyncGenerator[bytes, None]:
         with await asyncio.to_thread(open, self._path(name), "rb") as handle:
             while data := await asyncio.to_thread(handle.read, chunk):
                 yield data

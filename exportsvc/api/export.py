@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from datetime import datetime, timedelta
 from email.utils import format_datetime
@@ -276,8 +277,9 @@ async def output_file(request: web.Request) -> web.StreamResponse:
     if gzip:
         response.enable_compression(web.ContentCoding.gzip)
     await response.prepare(request)
-    async for chunk in dest.read(name):
-        await response.write(chunk)
+    async with contextlib.aclosing(dest.read(name)) as chunks:  # a client may hang up
+        async for chunk in chunks:
+            await response.write(chunk)
     await response.write_eof()
     return response
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -122,3 +124,29 @@ def test_file_names_cannot_escape(make_destination: Factory, name: str) -> None:
     client = make_destination("job1")
     with pytest.raises(DestinationError):
         client.local_path(name)
+
+
+def open_descriptors(path: Path) -> int:
+    """How many of this process's file descriptors are open on ``path``."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile (the listing's own one)
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    return count
+
+
+async def test_a_read_stopped_early_closes_its_file_at_once(dest: ExportDestinationClient) -> None:
+    """A client hanging up mid-download: closing the read closes the file then, not
+    whenever the garbage collector finalizes the generator (a ResourceWarning)."""
+    f = new_file()
+    await dest.start_file(f)
+    await dest.write(f.name, b"x" * 100 + b"\n")
+    await dest.commit([f])
+    path = dest.local_path(f.name)
+    assert path is not None
+    writing = open_descriptors(path)  # the destination's own, to append
+    async with contextlib.aclosing(dest.read(f.name, chunk=16)) as chunks:
+        async for _ in chunks:
+            assert open_descriptors(path) == writing + 1
+            break
+    assert open_descriptors(path) == writing
