@@ -153,7 +153,7 @@ class Worker:
                     record.id, record.lease.version, self.settings.lease_seconds, utcnow()
                 )
             except LeaseLost:
-                if not signals.released.is_set():  # not merely the task's own final save
+                if not signals.released.is_set() and not await self._given_back(record):
                     log.warning("job.lease_lost", extra={"job": record.id})
                 signals.lost.set()
                 return
@@ -164,6 +164,20 @@ class Worker:
                 signals.cancel.set()
             if control.pause_requested:
                 signals.pause.set()
+
+    async def _given_back(self, record: Job) -> bool:
+        """Whether the job's own task released the lease (the same lease version, and no
+        owner): the save that releases it can wake this heartbeat (PostgreSQL's NOTIFY),
+        whose renewal then finds the lease gone before the task has said it let go."""
+        try:
+            stored = await self.operations.get(record.id)
+        except Exception:
+            return False
+        return (
+            stored is not None
+            and stored.lease.version == record.lease.version
+            and stored.lease.owner is None
+        )
 
     async def _process(self, record: Job, signals: JobSignals) -> None:
         if record.restart_count > self.settings.max_restarts and not record.cancel_requested:
