@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
-from exportsvc.records import ExportJobRecord, JobStatus, utcnow
+import pytest
+
+from exportsvc.records import ExportJobRecord, Job, JobStatus, utcnow
 from exportsvc.tasks import JobSignals
-from exportsvc.worker import Worker, backoff_seconds
+from exportsvc.worker import Worker, _Running, backoff_seconds
 from tests.integration.conftest import Harness
 
 
@@ -120,3 +123,54 @@ async def test_a_job_that_keeps_crashing_fails_with_a_reason(harness: Harness) -
     assert item.status == JobStatus.FAILED and view.job.status == JobStatus.FAILED
     assert "interrupted 2 times" in (item.last_error or "")
     assert "avoid looping forever" in (item.last_error or "")
+
+
+async def _heartbeat_after(
+    harness: Harness, change: Callable[[Job], Awaitable[None]]
+) -> JobSignals:
+    """One heartbeat of a worker holding a job's lease, after ``change`` to the stored
+    job, and before the task that holds it says anything (``signals.released`` unset)."""
+    await harness.submit(types=["Patient"])
+    record = await harness.acquire("the-worker")
+    await change(record)
+    w = worker(harness)
+    signals = JobSignals()
+    idle = asyncio.create_task(asyncio.sleep(0))
+    running = _Running(task=idle, signals=signals, record=record)
+    running.poke.set()
+    await asyncio.wait_for(w._heartbeat(running), 10)
+    await idle
+    return signals
+
+
+async def test_a_lease_the_task_gave_back_is_not_reported_lost(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The task's own release (same lease version, no owner) can reach the store before
+    the task sets ``released``: the heartbeat it wakes stops without calling it lost."""
+
+    async def release(record: Job) -> None:
+        stored = await harness.runtime.operations.get(record.id)
+        assert stored is not None
+        stored.lease.owner, stored.lease.expires_at = None, None
+        await harness.runtime.operations.save(stored)
+
+    with caplog.at_level(logging.INFO, logger="exportsvc.worker"):
+        signals = await _heartbeat_after(harness, release)
+    assert signals.lost.is_set()
+    assert "job.lease_lost" not in [r.getMessage() for r in caplog.records]
+
+
+async def test_a_lease_another_worker_took_is_reported_lost(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def take_over(record: Job) -> None:
+        later = utcnow() + timedelta(minutes=5)  # past the lease: as after a crash
+        taken = await harness.runtime.operations.acquire("another-worker", 30, later)
+        assert taken is not None and taken.id == record.id
+        assert taken.lease.version > record.lease.version
+
+    with caplog.at_level(logging.INFO, logger="exportsvc.worker"):
+        signals = await _heartbeat_after(harness, take_over)
+    assert signals.lost.is_set()
+    assert "job.lease_lost" in [r.getMessage() for r in caplog.records]
