@@ -345,10 +345,15 @@ class PostgresResourceStore(ResourceStore):
             after = records[-1][0]
 
 
+StagedRow = tuple[int, str, str, int, bytes, bytes, bytes, int | None, int | None]
+"""A ``write_staging`` row: idx, type, id, last_updated, head, tail, content_hash,
+import_pos, stamp_at."""
+
+
 class Staging(NamedTuple):
     """A write's rows for the staging tables, and whether it names each resource once."""
 
-    rows: list[tuple[int, str, str, int, bytes, bytes, bytes, int | None, int | None]]
+    rows: list[StagedRow]
     patients: list[tuple[int, str]]
     distinct: bool
 
@@ -376,13 +381,13 @@ def _stage_versions(
     each split around its version number without parsing it: ``first_version`` ends its
     meta with that number and then the pending stamp, a random token no input holds."""
     marker = first_version_marker(pending)
-    rows: list[tuple[int, str, str, int, bytes, bytes, bytes, int | None, int | None]] = []
+    rows: list[StagedRow] = []
     patients: list[tuple[int, str]] = []
     for i, v in enumerate(versions):
         assert v.content_hash is not None  # write_versions checked
         head, tail = split_first_version(v.raw, marker)
-        at = PENDING_STAMP_AT
-        rows.append((i, v.type, v.id, v.last_updated, head, tail, v.content_hash, positions[i], at))
+        digest, at = v.content_hash, PENDING_STAMP_AT
+        rows.append((i, v.type, v.id, v.last_updated, head, tail, digest, positions[i], at))
         patients += [(i, p) for p in v.patients]
     return Staging(rows, patients, len({(v.type, v.id) for v in versions}) == len(versions))
 
