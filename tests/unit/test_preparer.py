@@ -46,6 +46,18 @@ def test_a_block_is_prepared_in_the_child_as_in_this_process(hashed: bool) -> No
         preparer.close()
 
 
+def test_a_block_with_no_valid_line_comes_back_with_its_refusals() -> None:
+    data = b"not json\n[]\n"
+    call = partial(prepare_block, Block(0, data, len(data)), None, 1 << 20, Stamp.pending(), 0)
+    preparer = Preparer()
+    try:
+        prepared = preparer.call(call)
+        assert prepared == call()
+        assert prepared.versions == [] and [r[0] for r in prepared.refused] == [0, 1]
+    finally:
+        preparer.close()
+
+
 def test_an_error_in_the_call_comes_back_as_itself() -> None:
     preparer = Preparer()
     try:
