@@ -22,8 +22,8 @@ from datastore.postgres import (
     SchemaError,
 )
 from datastore.postgres.db import migrations
-from datastore.resources import ExportQuery, to_micros
-from datastore.versioning import fhir_instant
+from datastore.resources import ExportQuery, Origin, to_micros
+from datastore.versioning import Stamp, fhir_instant, first_version
 from exportsvc.errors import StoreError, TooManyJobs
 from exportsvc.records import (
     ExportJobRecord,
@@ -418,3 +418,61 @@ async def test_server_down_is_a_store_error() -> None:
                 await store.get("x")
         finally:
             await store.close()
+
+
+@pytest.mark.parametrize("threshold", [1, 10**9], ids=["copy", "insert"])
+async def test_an_imported_block_stores_new_resources_straight_and_merges_the_rest(
+    db: PostgresDatabase, threshold: int
+) -> None:
+    """A block as an import prepares it (pending stamp, content hash): the resources that
+    have no version and come once go straight in, numbered first; one that exists, and a
+    resource's second copy, go through the merge after them. Every one is stamped with the
+    time of the write, and carries the import's position."""
+    store = PostgresResourceStore(db, copy_threshold=threshold)
+    await store.write([patient("old", "Before"), patient("same")])
+    pending = Stamp.pending()
+    lines = [
+        patient("n1"),
+        patient("old", "After"),
+        patient("n2"),
+        patient("same"),
+        patient("n1", "Again"),
+    ]
+    versions = [first_version(orjson.loads(orjson.dumps(r)), pending, hashed=True) for r in lines]
+    before = datetime.now(UTC)
+    result = await store.write_versions(
+        versions, origin=Origin("imp", [10, 20, 30, 40, 50]), restamp=pending
+    )
+    assert (result.created, result.updated, result.unchanged) == (2, 2, 1)
+    rows = {(v.id, v.version): v async for v in store.scan_versions()}
+    assert {key: (v.seq, v.next_seq) for key, v in rows.items()} == {
+        ("old", 1): (1, 5),
+        ("same", 1): (2, None),
+        ("n1", 1): (3, 6),  # straight in
+        ("n2", 1): (4, None),
+        ("old", 2): (5, None),  # merged
+        ("n1", 2): (6, None),
+    }
+    written = [rows[key] for key in (("n1", 1), ("n2", 1), ("old", 2), ("n1", 2))]
+    stamps = {v.last_updated for v in written}
+    assert len(stamps) == 1 and stamps.pop() >= to_micros(before, 0)
+    for v in written:
+        assert v.raw is not None and pending.instant.encode() not in v.raw
+        stored = orjson.loads(v.raw)
+        assert stored["meta"] == {
+            "versionId": str(v.version),
+            "lastUpdated": fhir_instant(datetime.fromtimestamp(v.last_updated / 1e6, UTC)),
+        }
+    assert orjson.loads(rows[("n1", 2)].raw or b"")["name"] == [{"family": "Again"}]
+    async with db.connection() as conn:
+        marks = await conn.fetch(
+            "SELECT id, version, import_job, import_pos FROM resources ORDER BY seq"
+        )
+    assert [tuple(m) for m in marks] == [
+        ("old", 1, None, None),
+        ("same", 1, "imp", 40),  # unchanged: its version confirmed by the line
+        ("n1", 1, "imp", 10),
+        ("n2", 1, "imp", 30),
+        ("old", 2, "imp", 20),
+        ("n1", 2, "imp", 50),
+    ]

@@ -46,6 +46,32 @@ SELECT * FROM unnest($1::integer[], $2::text[], $3::text[], $4::bigint[], $5::by
 -- name: stage_patients
 INSERT INTO write_staging_patients SELECT * FROM unnest($1::integer[], $2::text[]);
 
+-- name: no_jit
+-- A write whose statements the planner cannot estimate well (arrays of a block's rows):
+-- compiling them would take longer than running them.
+SET LOCAL jit = off;
+
+-- name: current_keys
+-- Which of the resources ($1 types, $2 ids) have a current version: one index probe each
+-- (LATERAL with LIMIT, as in merge, keeps it a nested loop whatever the estimates).
+SELECT k.type, k.id FROM unnest($1::text[], $2::text[]) AS k(type, id)
+CROSS JOIN LATERAL (
+    SELECT 1 FROM resources AS r
+    WHERE r.type = k.type AND r.id = k.id AND r.next_seq IS NULL
+    LIMIT 1
+) AS r;
+
+-- name: insert_first_versions
+-- First versions of resources that have none, ready to store (datastore.postgres.resources
+-- FIRST_VERSION_COLUMNS, one array each): what binary COPY inserts for a large batch.
+INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, import_job,
+                       import_pos, content_hash)
+SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::integer[], $5::bigint[],
+                     $6::boolean[], $7::bytea[], $8::text[], $9::bigint[], $10::bytea[]);
+
+-- name: insert_patients
+INSERT INTO resource_patients (patient_id, seq) SELECT * FROM unnest($1::text[], $2::bigint[]);
+
 -- name: any_unhashed
 SELECT EXISTS (
     SELECT 1 FROM resources
