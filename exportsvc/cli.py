@@ -159,7 +159,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command in ("serve", "worker"):
-        allocator.limit_arenas()  # before any thread starts
+        allocator.tune()  # before any thread starts
     settings = Settings()
     logs.configure()
     try:

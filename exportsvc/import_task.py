@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -106,20 +107,21 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
             async for block in blocks:
                 if await self._stop_requested():
                     return
-                prepare = partial(
-                    prepare_block,
-                    block,
-                    record.input.type,
-                    settings.import_max_line_bytes,
-                    stamp,
-                    base,
-                    settings.import_max_depth,
-                    self.resources.hashes_content,
-                )
+                calls: list[Callable[[], Prepared]] = [  # handed over: let go of once sent
+                    partial(
+                        prepare_block,
+                        block,
+                        record.input.type,
+                        settings.import_max_line_bytes,
+                        stamp,
+                        base,
+                        settings.import_max_depth,
+                        self.resources.hashes_content,
+                    )
+                ]
                 end = block.end
-                del block  # with its bytes gone, memory holds one block's worth, not two
-                prepared = await _prepare(prepare)
-                del prepare
+                del block  # the call alone holds its bytes: freed while the child prepares
+                prepared = await _prepare(calls)
                 await self._settle()  # the record is the previous checkpoint's until now
                 await self._report(prepared, sources)
                 record.offset = end
@@ -198,12 +200,12 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
         )
 
 
-async def _prepare(prepare: partial[Prepared]) -> Prepared:
+async def _prepare(prepare: list[Callable[[], Prepared]]) -> Prepared:
     """A block checked and stamped in the preparing process (:mod:`exportsvc.preparer`):
     parsing on a thread here would take the GIL from the thread writing the previous
     block (a 1M import ran at 0.70-0.75 of loop (c) so, 0.8 in a process of its own)."""
     try:
-        return await asyncio.to_thread(PREPARER.call, prepare)
+        return await asyncio.to_thread(PREPARER.hand_over, prepare)
     except PreparerFailed as exc:  # killed (out of memory?): the retry starts another
         raise PreparingFailed(str(exc)) from exc
 

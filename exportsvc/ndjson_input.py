@@ -133,9 +133,9 @@ async def owned_blocks(
             or newlines >= block_lines
             or (flush is not None and flush())
         ):
-            block = take(_block_size(buf, complete, block_bytes, block_lines))
-            complete -= block.end - block.offset
-            yield block
+            size = _block_size(buf, complete, block_bytes, block_lines)
+            complete -= size
+            yield take(size)  # not kept here: the consumer may free it before it asks again
         if done:
             return
         if tail_too_long:
@@ -153,9 +153,9 @@ async def owned_blocks(
     if complete and pos < end and pos + buf.rfind(b"\n") + 1 >= end:
         complete = buf.find(b"\n", end - pos - 1) + 1 or complete
     while complete and pos < end:
-        block = take(_block_size(buf, complete, block_bytes, block_lines))
-        complete -= block.end - block.offset
-        yield block
+        size = _block_size(buf, complete, block_bytes, block_lines)
+        complete -= size
+        yield take(size)
 
 
 MAX_DEPTH = 100

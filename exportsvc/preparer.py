@@ -38,11 +38,19 @@ class Preparer:
     def call(self, fn: Callable[[], T]) -> T:
         """``fn()`` in the child (blocking: run it on a thread). ``fn`` must pickle: a
         ``functools.partial`` of a module-level function and plain arguments."""
+        return self.hand_over([fn])
+
+    def hand_over(self, calls: list[Callable[[], T]]) -> T:
+        """:meth:`call` for the one call in ``calls``, which it takes out of the list and
+        lets go of once sent: the block the call carries is freed while the child works,
+        instead of living beside the result (when the caller keeps no other reference)."""
         with self._lock:
             process = self._running()
             assert process.stdin is not None and process.stdout is not None
             try:
-                pickle.dump(fn, process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                call = calls.pop()
+                pickle.dump(call, process.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                del call
                 process.stdin.flush()
                 ok, value = pickle.load(process.stdout)
             except (OSError, EOFError, pickle.PickleError) as exc:
@@ -102,6 +110,7 @@ def serve(source: IO[bytes], sink: IO[bytes]) -> None:
             sink.write(payload)
         else:  # streamed in frames: no second copy of the result
             pickle.dump((True, result), sink, protocol=pickle.HIGHEST_PROTOCOL)
+            del result  # not kept while the next call is read and run
         del fn
         sink.flush()
 
@@ -112,6 +121,9 @@ atexit.register(PREPARER.close)
 
 
 if __name__ == "__main__":
+    from exportsvc import allocator
+
+    allocator.map_large_buffers()  # blocks in and out, given back between calls
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     serve(sys.stdin.buffer, sys.stdout.buffer)

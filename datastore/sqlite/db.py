@@ -302,18 +302,34 @@ def insert_many(conn: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]
     many rows steps once. Statements come in a few sizes only (:data:`ROWS_PER_INSERT`):
     each size is compiled once and kept in the connection's statement cache, where a
     statement for every odd remainder would take a megabyte each."""
+    _insert(conn, sql, rows, ROWS_PER_INSERT)
+
+
+def insert_full(conn: sqlite3.Connection, sql: str, rows: list[Any]) -> None:
+    """:func:`insert_many` for the leading rows that fill statements of the largest size,
+    which it then removes from ``rows``: a writer that inserts its rows as it makes them
+    holds at most a statement's worth (an import's block, restamped, was a second copy of
+    the block), and the rest goes with the final :func:`insert_many`."""
+    del rows[: _insert(conn, sql, rows, ROWS_PER_INSERT[:1])]
+
+
+def _insert(
+    conn: sqlite3.Connection, sql: str, rows: Sequence[Sequence[Any]], sizes: Sequence[int]
+) -> int:
+    """Insert rows in statements of ``sizes`` rows (largest first); how many it did."""
     if not rows:
-        return
+        return 0
     columns = len(rows[0])
     most = conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // columns
     first = 0
-    for size in ROWS_PER_INSERT:
+    for size in sizes:
         size = min(size, most) or 1
         statement = _rows_sql(sql, columns, size)
         while len(rows) - first >= size:
             chunk = rows[first : first + size]
             conn.execute(statement, list(itertools.chain.from_iterable(chunk)))
             first += size
+    return first
 
 
 ROWS_PER_INSERT = (2000, 250, 30, 1)

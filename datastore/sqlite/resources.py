@@ -28,13 +28,22 @@ from datastore.resources import (
     WriteResult,
     to_micros,
 )
-from datastore.sqlite.db import SqliteDatabase, insert_many, key_hash, queries, transaction
+from datastore.sqlite.db import (
+    ROWS_PER_INSERT,
+    SqliteDatabase,
+    insert_full,
+    insert_many,
+    key_hash,
+    queries,
+    transaction,
+)
 from datastore.versioning import NewVersion, Restamp, Stamp, new_version
 from exportsvc.errors import LeaseLost
 from exportsvc.records import JobRecord, utcnow
 
 Q = queries("resources.sql")
 OPS = queries("operations.sql")
+FULL_INSERT = ROWS_PER_INSERT[0]
 
 
 IDS_CLAUSE = "\n  AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))"
@@ -343,6 +352,9 @@ def _write_versions(
             patients.append((patient, seq))
         result.created += 1
         result.versions.append((version.type, version.id, 1))
+        if len(rows) >= FULL_INSERT:  # inserted as they are made: no copy of the block
+            insert_full(conn, Q["insert_version"], rows)
+            insert_full(conn, Q["insert_patient"], patients)
     insert_many(conn, Q["insert_version"], rows)
     insert_many(conn, Q["insert_patient"], patients)
     if later:

@@ -371,19 +371,19 @@ async def test_a_killed_preparing_process_costs_a_retry_not_a_line(
     path = root / "in.ndjson"
     lines = [orjson.dumps({"resourceType": "Patient", "id": f"p{i}"}) + b"\n" for i in range(60)]
     path.write_bytes(b"".join(lines))
-    original, calls, killed = PREPARER.call, 0, []
+    original, calls, killed = PREPARER.hand_over, 0, []
 
-    def kill_during_the_third_block(fn: Any) -> Any:
+    def kill_during_the_third_block(handed: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 3:  # the child dies while it prepares (a sleep stands for the work)
-            child = original(os.getpid)
+            child = original([os.getpid])
             killed.append(child)
             threading.Timer(0.2, os.kill, (child, signal.SIGKILL)).start()
-            original(partial(time.sleep, 10))
-        return original(fn)
+            original([partial(time.sleep, 10)])
+        return original(handed)
 
-    monkeypatch.setattr(PREPARER, "call", kill_during_the_third_block)
+    monkeypatch.setattr(PREPARER, "hand_over", kill_during_the_third_block)
     update = {"retry_base_seconds": 0.05, "retry_max_seconds": 0.1}
     async with serve(importer(settings, root, **update), with_worker=True, patients=0) as (
         server,
@@ -399,7 +399,7 @@ async def test_a_killed_preparing_process_costs_a_retry_not_a_line(
         report = await validate(server, status_url)
         assert report.ok, report.render()
         assert await versions(server.app[RESOURCES]) == {("Patient", f"p{i}"): 1 for i in range(60)}
-    assert original(os.getpid) != killed[0], "a new child prepares after the kill"
+    assert original([os.getpid]) != killed[0], "a new child prepares after the kill"
 
 
 class _Crash(BaseException):

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from datastore.sqlite import db
-from datastore.sqlite.db import insert_many
+from datastore.sqlite.db import insert_full, insert_many
 
 
 def _table() -> sqlite3.Connection:
@@ -21,6 +21,20 @@ def test_inserts_every_row_once_in_order(count: int) -> None:
     rows = [(n, f"id-{n}", bytes([n % 256]) * 3) for n in range(count)]
     conn = _table()
     insert_many(conn, "INSERT INTO t (a, b, c)\nVALUES (?, ?, ?);", rows)
+    assert conn.execute("SELECT a, b, c FROM t ORDER BY a").fetchall() == rows
+
+
+def test_insert_full_takes_whole_statements_and_leaves_the_rest() -> None:
+    """A writer that inserts rows as it makes them: whole statements now, the rest (kept
+    in the list, in order) with the final insert_many; every row once."""
+    size = db.ROWS_PER_INSERT[0]
+    rows = [(n, f"id-{n}", b"") for n in range(2 * size + 5)]
+    pending = list(rows)
+    conn = _table()
+    insert_full(conn, "INSERT INTO t (a, b, c) VALUES (?, ?, ?)", pending)
+    assert pending == rows[2 * size :]
+    assert conn.execute("SELECT count(*) FROM t").fetchone()[0] == 2 * size
+    insert_many(conn, "INSERT INTO t (a, b, c) VALUES (?, ?, ?)", pending)
     assert conn.execute("SELECT a, b, c FROM t ORDER BY a").fetchall() == rows
 
 
