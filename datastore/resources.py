@@ -162,6 +162,13 @@ class WriteResult:
     unchanged: int = 0
     versions: list[tuple[str, str, int]] = field(default_factory=list)
 
+    def add(self, other: WriteResult) -> None:
+        """Count in a second write of the same transaction (its versions after these)."""
+        self.created += other.created
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        self.versions += other.versions
+
 
 Checkpoint = Callable[[WriteResult], "JobRecord"]
 """Called inside a write's transaction with its result; returns the record to save."""

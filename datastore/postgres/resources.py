@@ -215,28 +215,17 @@ class PostgresResourceStore(ResourceStore):
                 staging = await asyncio.to_thread(_stage_versions, later, restamp, where)
                 await conn.execute(Q["create_staging"])
                 await self._stage(conn, staging)
-                rest = await self._merge_locked(conn, staging, job, stamp.new, stamp.micros)
-                result.created += rest.created
-                result.updated += rest.updated
-                result.unchanged += rest.unchanged
-                result.versions += rest.versions
+                result.add(await self._merge_locked(conn, staging, job, stamp.new, stamp.micros))
             await _save_checkpoint(conn, checkpoint, result)
         return result
 
     async def _insert_first(self, conn: Connection, fresh: FirstVersions) -> None:
-        rows, patients = fresh.rows, fresh.patients
-        if len(rows) >= self.copy_threshold:
-            await conn.copy_records_to_table(
-                "resources", records=rows, columns=FIRST_VERSION_COLUMNS
-            )
-        elif rows:
-            await conn.execute(Q["insert_first_versions"], *zip(*rows, strict=True))
-        if len(patients) >= self.copy_threshold:
-            await conn.copy_records_to_table(
-                "resource_patients", records=patients, columns=("patient_id", "seq")
-            )
-        elif patients:
-            await conn.execute(Q["insert_patients"], *zip(*patients, strict=True))
+        await self._copy_or_insert(
+            conn, "resources", fresh.rows, FIRST_VERSION_COLUMNS, Q["insert_first_versions"]
+        )
+        await self._copy_or_insert(
+            conn, "resource_patients", fresh.patients, ("patient_id", "seq"), Q["insert_patients"]
+        )
 
     async def _merge(
         self, staging: Staging, origin: Origin | None, checkpoint: Checkpoint | None
@@ -267,15 +256,26 @@ class PostgresResourceStore(ResourceStore):
         return _result(len(staging.rows), versions)
 
     async def _stage(self, conn: Connection, staging: Staging) -> None:
-        rows, patients = staging.rows, staging.patients
+        await self._copy_or_insert(conn, "write_staging", staging.rows, None, Q["stage"])
+        await self._copy_or_insert(
+            conn, "write_staging_patients", staging.patients, None, Q["stage_patients"]
+        )
+
+    async def _copy_or_insert(
+        self,
+        conn: Connection,
+        table: str,
+        rows: Sequence[tuple[Any, ...]],
+        columns: Sequence[str] | None,
+        insert: str,
+    ) -> None:
+        """``rows`` into ``table`` (its ``columns``; None: all): binary ``COPY`` from
+        :attr:`copy_threshold` rows on, else ``insert``, one ``INSERT ... unnest`` of a
+        column array each."""
         if len(rows) >= self.copy_threshold:
-            await conn.copy_records_to_table("write_staging", records=rows)
+            await conn.copy_records_to_table(table, records=rows, columns=columns)
         elif rows:
-            await conn.execute(Q["stage"], *zip(*rows, strict=True))
-        if len(patients) >= self.copy_threshold:
-            await conn.copy_records_to_table("write_staging_patients", records=patients)
-        elif patients:
-            await conn.execute(Q["stage_patients"], *zip(*patients, strict=True))
+            await conn.execute(insert, *zip(*rows, strict=True))
 
     async def _hash_legacy(self, conn: Connection) -> None:
         """Hash the current versions of staged resources that have no content hash:

@@ -362,10 +362,7 @@ def _write_versions(
         resources = [orjson.loads(stamp.raw(r) if stamp else r) for r in raws]
         positions = Origin(origin.job_id, [origin.positions[i] for i in later]) if origin else None
         rest = _write(resources, now, True, positions, None, conn)
-        result.created += rest.created
-        result.updated += rest.updated
-        result.unchanged += rest.unchanged
-        result.versions += rest.versions
+        result.add(rest)
     if checkpoint is not None:
         _save_checkpoint(conn, checkpoint(result))
     return result

@@ -9,6 +9,8 @@ import sys
 import textwrap
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from functools import partial
 
 import pytest
@@ -134,3 +136,24 @@ def test_the_child_ignores_a_group_sigterm_and_ends_with_its_parent() -> None:
             parent.wait()
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+def test_a_handed_over_call_is_let_go_of_once_sent() -> None:
+    """The import hands its call over, so the block it carries is freed while the child
+    works: the preparer keeps no reference to it once it is sent."""
+    call = partial(time.sleep, 1.5)  # stands for a block being prepared
+    ref = weakref.ref(call)
+    calls: list[Callable[[], None]] = [call]
+    del call
+    preparer = Preparer()
+    try:
+        running = threading.Thread(target=preparer.hand_over, args=(calls,))
+        running.start()
+        deadline = time.monotonic() + 1.0
+        while ref() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ref() is None and running.is_alive(), "freed while the child still works"
+        assert calls == []
+        running.join()
+    finally:
+        preparer.close()
