@@ -31,6 +31,18 @@ def started_items(log: Path) -> set[str]:
     return items
 
 
+def completed_items(log: Path) -> set[str]:
+    items = set()
+    for line in log.read_text(errors="replace").splitlines():
+        if " job.completed " in line:
+            items.add(line.split(" job=", 1)[1].split(" ", 1)[0])
+    return items
+
+
+def unfinished_items(log: Path) -> set[str]:
+    return started_items(log) - completed_items(log)
+
+
 def wait(condition: Any, what: str, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     while not (value := condition()):
@@ -105,9 +117,12 @@ def test_three_workers_share_a_fanned_out_export(
     job_id = status_url.rsplit("/", 1)[1]
     # Every worker has started an item: kill one while it is in the middle of its work.
     wait(lambda: all(started_items(log) for log in logs), "every worker to start an item", 60)
+    # The victim is killed with an item in hand (one it finished needs no taking over).
+    wait(lambda: unfinished_items(logs[1]), "the victim to hold an unfinished item", 60)
     victim = workers[1]
     victim.send_signal(signal.SIGKILL)
     victim.wait(10)
+    held = unfinished_items(logs[1])
 
     deadline = time.monotonic() + 180
     while (response := http("GET", status_url)).status == 202:
@@ -123,7 +138,7 @@ def test_three_workers_share_a_fanned_out_export(
     for log in logs:
         assert started_items(log), f"{log.name} ran no work item"
     survivors = started_items(logs[0]) | started_items(logs[2])
-    assert started_items(logs[1]) & survivors or job["restartCount"] >= 1, (
+    assert held & survivors or job["restartCount"] >= 1, (
         "the killed worker's item was not taken over"
     )
     result = subprocess.run(
