@@ -179,6 +179,9 @@ class ResourceStore(abc.ABC):
     """Whether :meth:`write_versions` compares contents by ``NewVersion.content_hash``:
     whoever prepares versions for it computes that hash from the parsed resource
     (``first_version(..., hashed=True)``), so the store need not parse them again."""
+    hashes_keys: ClassVar[bool] = False
+    """Whether :meth:`write_versions` finds resources by ``NewVersion.key_hash``: whoever
+    prepares versions for it computes that too (``first_version(..., keyed=True)``)."""
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Connect and create the schema."""

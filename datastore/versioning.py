@@ -58,6 +58,15 @@ def content_hash(content: Mapping[str, Any]) -> bytes:
     return hashlib.blake2b(canonical, digest_size=16).digest()
 
 
+def key_hash(type_: str, id_: str) -> int:
+    """A signed 64-bit hash of ``type/id``: the SQLite store's index key that finds a
+    resource's rows (``datastore.sqlite``). Here, beside :func:`content_hash`, so that the
+    process preparing an import's lines computes it (``first_version(..., keyed=True)``)
+    instead of the thread that writes them."""
+    digest = hashlib.blake2b(f"{type_}/{id_}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 class NewVersion(NamedTuple):
     """A version ready to insert. A tuple: cheap to build and to pickle (seeding sends
     them between processes by the hundred thousand)."""
@@ -71,6 +80,9 @@ class NewVersion(NamedTuple):
     content_hash: bytes | None = None
     """:func:`content_hash` of its content, when the store compares by it
     (``ResourceStore.hashes_content``) and the version was prepared for it."""
+    key_hash: int | None = None
+    """:func:`key_hash` of its type and id, when the store looks resources up by it
+    (``ResourceStore.hashes_keys``) and the version was prepared for it."""
 
 
 def new_version(
@@ -152,12 +164,14 @@ class Restamp:
         return raw.replace(self.old, self.new)
 
 
-def first_version(resource: dict[str, Any], stamp: Stamp, *, hashed: bool = False) -> NewVersion:
+def first_version(
+    resource: dict[str, Any], stamp: Stamp, *, hashed: bool = False, keyed: bool = False
+) -> NewVersion:
     """``resource`` as version 1 written at ``stamp``: exactly what :func:`new_version`
     makes of it when there is no previous version (a store that finds one after all hands
     the version back to :func:`new_version`). It takes ``resource`` over: the meta is
     stamped in place, which saves copying every freshly parsed line. ``hashed``: with its
-    :func:`content_hash`."""
+    :func:`content_hash`; ``keyed``: with its :func:`key_hash`."""
     meta = resource.get("meta")
     if meta:  # a JSON object: the caller checked
         meta.pop("versionId", None)
@@ -177,4 +191,5 @@ def first_version(resource: dict[str, Any], stamp: Stamp, *, hashed: bool = Fals
         _right_sized(orjson.dumps(resource)),
         patient_ids(resource),
         digest,
+        key_hash(resource["resourceType"], resource["id"]) if keyed else None,
     )

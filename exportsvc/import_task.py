@@ -117,6 +117,7 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
                         base,
                         settings.import_max_depth,
                         self.resources.hashes_content,
+                        self.resources.hashes_keys,
                     )
                 ]
                 end = block.end

@@ -284,11 +284,13 @@ def prepare_block(
     position_base: int,
     max_depth: int = MAX_DEPTH,
     hashed: bool = False,
+    keyed: bool = False,
 ) -> Prepared:
     """Check every line of ``block`` (blank lines are skipped) and stamp each valid one
     as a first version: each line is parsed once, straight from the block's bytes (no
     copy per line), and only its stamped bytes are kept (``hashed``: with their content
-    hash, for a store that compares by it: ``ResourceStore.hashes_content``)."""
+    hash, for a store that compares by it: ``ResourceStore.hashes_content``; ``keyed``:
+    with their key hash, ``ResourceStore.hashes_keys``)."""
     prepared = Prepared()
     if block.data is None:
         prepared.refused.append((0, block.offset, f"the line is longer than {max_bytes} bytes"))
@@ -308,7 +310,7 @@ def prepare_block(
                 view[start:stop], expected_type, max_depth=max_depth, brackets=brackets
             )
             if not isinstance(resource, str):
-                version = first_version(resource, stamp, hashed=hashed)
+                version = first_version(resource, stamp, hashed=hashed, keyed=keyed)
                 versions.append(version)
                 positions.append(position_base + block.offset + start)
                 counts[version.type] = counts.get(version.type, 0) + 1

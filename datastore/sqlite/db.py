@@ -13,7 +13,6 @@ files in ``sql/migrations`` applied in order and tracked in ``PRAGMA user_versio
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import logging
 import re
@@ -25,6 +24,8 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
+
+from datastore.versioning import key_hash as key_hash  # the function the schema calls
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -47,12 +48,6 @@ def migrations() -> list[tuple[int, str]]:
         if entry.name.endswith(".sql"):
             found.append((int(entry.name.split("_", 1)[0]), entry.read_text()))
     return sorted(found)
-
-
-def key_hash(type_: str, id_: str) -> int:
-    """A signed 64-bit hash of ``type/id``: the index key that finds a resource's rows."""
-    digest = hashlib.blake2b(f"{type_}/{id_}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 def _migrate(conn: sqlite3.Connection) -> None:

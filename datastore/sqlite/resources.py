@@ -33,11 +33,10 @@ from datastore.sqlite.db import (
     SqliteDatabase,
     insert_full,
     insert_many,
-    key_hash,
     queries,
     transaction,
 )
-from datastore.versioning import NewVersion, Restamp, Stamp, new_version
+from datastore.versioning import NewVersion, Restamp, Stamp, key_hash, new_version
 from exportsvc.errors import LeaseLost
 from exportsvc.records import JobRecord, utcnow
 
@@ -88,6 +87,8 @@ def _filter_params(query: ExportQuery) -> tuple[str, dict[str, Any]]:
 
 
 class SqliteResourceStore(ResourceStore):
+    hashes_keys = True  # resources are found by key_hash
+
     def __init__(self, db: SqliteDatabase | Path | str) -> None:
         self.db = db if isinstance(db, SqliteDatabase) else SqliteDatabase(db)
 
@@ -327,42 +328,45 @@ def _write_versions(
     stamp, replaced here by the transaction's time."""
     now = utcnow()
     stamp = Restamp.of(restamp, now) if restamp is not None else None
-    hashes = [key_hash(v.type, v.id) for v in versions]
+    hashes = [key_hash(v.type, v.id) if v.key_hash is None else v.key_hash for v in versions]
     params = {"keys": orjson.dumps(sorted(set(hashes))).decode()}
     existing = {(t, i) for t, i, *_ in conn.execute(Q["current_exists"], params)}
     seq = conn.execute(Q["current_seq"]).fetchone()[0]
     job = origin.job_id if origin else None
+    positions: Sequence[int | None] = origin.positions if origin else [None] * len(versions)
+    old, new, micros = (stamp.old, stamp.new, stamp.micros) if stamp else (b"", b"", 0)
     rows: list[tuple[Any, ...]] = []
     patients: list[tuple[str, int]] = []
     later: list[int] = []
     result = WriteResult()
-    for index, version in enumerate(versions):
-        key = (version.type, version.id)
-        if key in existing or version.version != 1:
+    written = result.versions
+    # Per row, the fewest Python steps: this loop runs on the writer's thread, which
+    # holds the GIL for it while the next block is read and unpickled beside it.
+    for index, (version, pos, hash_) in enumerate(zip(versions, positions, hashes, strict=True)):
+        type_, id_, number, last_updated, raw, members = version[:6]
+        key = (type_, id_)
+        if number != 1 or key in existing:
             later.append(index)
             continue
         existing.add(key)  # a second copy in this batch is an update: the slow path
         seq += 1
-        pos = origin.positions[index] if origin else None
-        micros, raw = version.last_updated, version.raw
         if stamp is not None:
-            micros, raw = stamp.micros, stamp.raw(raw)
-        rows.append((seq, *key, 1, micros, 0, raw, None, job, pos, hashes[index]))
-        for patient in version.patients:  # a loop, not a generator: one per row adds up
+            last_updated, raw = micros, raw.replace(old, new)
+        rows.append((seq, type_, id_, 1, last_updated, 0, raw, None, job, pos, hash_))
+        for patient in members:  # a loop, not a generator: one per row adds up
             patients.append((patient, seq))
-        result.created += 1
-        result.versions.append((version.type, version.id, 1))
+        written.append((type_, id_, 1))
         if len(rows) >= FULL_INSERT:  # inserted as they are made: no copy of the block
             insert_full(conn, Q["insert_version"], rows)
             insert_full(conn, Q["insert_patient"], patients)
+    result.created = len(written)
     insert_many(conn, Q["insert_version"], rows)
     insert_many(conn, Q["insert_patient"], patients)
     if later:
         raws = [versions[i].raw for i in later]
         resources = [orjson.loads(stamp.raw(r) if stamp else r) for r in raws]
-        positions = Origin(origin.job_id, [origin.positions[i] for i in later]) if origin else None
-        rest = _write(resources, now, True, positions, None, conn)
-        result.add(rest)
+        where = Origin(origin.job_id, [origin.positions[i] for i in later]) if origin else None
+        result.add(_write(resources, now, True, where, None, conn))
     if checkpoint is not None:
         _save_checkpoint(conn, checkpoint(result))
     return result

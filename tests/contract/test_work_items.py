@@ -133,7 +133,8 @@ def write(
 ) -> Write:
     """One write, as resources (``write``), as versions stamped beforehand
     (``write_versions``), or as an import prepares them, with a pending stamp and, for a
-    store that compares by it, the content hash: the same rules every way."""
+    store that compares by it, the content hash (and the key hash, for one that finds
+    resources by it): the same rules every way."""
     _, resources = stores
     if request.param == "write":
         return resources.write
@@ -143,9 +144,9 @@ def write(
         return await resources.write_versions([first_version(r, stamp) for r in batch], **kwargs)
 
     async def write_as_imported(batch: Sequence[Mapping[str, Any]], **kwargs: Any) -> WriteResult:
-        pending, hashed = Stamp.pending(), resources.hashes_content
+        pending, hashed, keyed = Stamp.pending(), resources.hashes_content, resources.hashes_keys
         lines = [orjson.loads(orjson.dumps(r)) for r in batch]  # parsed, as an import does
-        versions = [first_version(r, pending, hashed=hashed) for r in lines]
+        versions = [first_version(r, pending, hashed=hashed, keyed=keyed) for r in lines]
         return await resources.write_versions(versions, restamp=pending, **kwargs)
 
     return write_versions if request.param == "write_versions" else write_as_imported

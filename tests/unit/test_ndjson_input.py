@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import pickle
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import orjson
 import pytest
 
-from datastore.versioning import Stamp
+from datastore.versioning import Stamp, key_hash
 from exportsvc.ndjson_input import (
     Block,
     Line,
@@ -196,3 +197,20 @@ def test_prepare_block_checks_and_stamps_every_line() -> None:
     ]
     too_long = prepare_block(Block(5, None, 900), None, 90, stamp, 0)
     assert too_long.lines == 1 and too_long.refused[0][2] == "the line is longer than 90 bytes"
+    assert version.content_hash is None and version.key_hash is None
+
+
+def test_prepare_block_hashes_what_the_store_looks_up_by() -> None:
+    """For the SQLite store the preparing process computes each version's key hash (and
+    for PostgreSQL its content hash), so the thread writing the block does not."""
+    data = b'{"resourceType":"Patient","id":"a"}\n{"resourceType":"Patient","id":"b"}\n'
+    stamp = Stamp.pending()
+    block = Block(0, data, len(data))
+    keyed = prepare_block(block, None, 100, stamp, 0, keyed=True)
+    assert [v.key_hash for v in keyed.versions] == [key_hash("Patient", i) for i in "ab"]
+    assert all(v.content_hash is None for v in keyed.versions)
+    hashed = prepare_block(block, None, 100, stamp, 0, hashed=True)
+    assert all(v.key_hash is None and v.content_hash for v in hashed.versions)
+    # The hashes survive the trip back from the preparing process (pickled by columns).
+    again = pickle.loads(pickle.dumps(keyed))
+    assert again.versions == keyed.versions
