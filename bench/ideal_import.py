@@ -14,7 +14,6 @@ load into an empty store, so nothing is looked up.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from typing import Any
 import asyncpg
 import orjson
 
+from datastore.versioning import key_hash  # the SQLite schema's lookup key
 from exportsvc.fhir.compartment import RESOURCE_TYPES, patient_ids
 
 BATCH = 50_000
@@ -35,12 +35,6 @@ INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, key_h
 VALUES (?, ?, ?, 1, ?, 0, ?, ?)
 """
 SQLITE_PATIENT = "INSERT OR IGNORE INTO resource_patients (patient_id, seq) VALUES (?, ?)"
-
-
-def key_hash(type_: str, id_: str) -> int:
-    """The SQLite schema's 64-bit lookup key (``datastore.sqlite``'s formula)."""
-    digest = hashlib.blake2b(f"{type_}/{id_}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
 
 
 class Parsed:

@@ -25,7 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-from datastore.versioning import key_hash as key_hash  # the function the schema calls
+from datastore.versioning import key_hash  # the function the schema calls
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

@@ -23,24 +23,21 @@ pytestmark = pytest.mark.acceptance
 PATIENTS = 3700  # about 205k resources
 
 
+def logged_jobs(log: Path, event: str, also: str = "") -> set[str]:
+    """The jobs of the log lines with ``event`` (and ``also``, when given)."""
+    jobs = set()
+    for line in log.read_text(errors="replace").splitlines():
+        if f" {event} " in line and also in line:
+            jobs.add(line.split(" job=", 1)[1].split(" ", 1)[0])
+    return jobs
+
+
 def started_items(log: Path) -> set[str]:
-    items = set()
-    for line in log.read_text(errors="replace").splitlines():
-        if " job.started " in line and "pages_read=" in line:
-            items.add(line.split(" job=", 1)[1].split(" ", 1)[0])
-    return items
-
-
-def completed_items(log: Path) -> set[str]:
-    items = set()
-    for line in log.read_text(errors="replace").splitlines():
-        if " job.completed " in line:
-            items.add(line.split(" job=", 1)[1].split(" ", 1)[0])
-    return items
+    return logged_jobs(log, "job.started", also="pages_read=")  # an export item's start
 
 
 def unfinished_items(log: Path) -> set[str]:
-    return started_items(log) - completed_items(log)
+    return started_items(log) - logged_jobs(log, "job.completed")
 
 
 def wait(condition: Any, what: str, timeout: float) -> Any:
