@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -174,6 +174,17 @@ Checkpoint = Callable[[WriteResult], "JobRecord"]
 """Called inside a write's transaction with its result; returns the record to save."""
 
 
+@dataclass(frozen=True, slots=True)
+class WriteGroup:
+    """A write that may be committed after the call returns, together with later writes
+    (:meth:`ResourceStore.write_versions`), as an import batch writes its blocks."""
+
+    owner: Hashable
+    """Whose writes: an import batch's run (its job id and lease version)."""
+    on_commit: Callable[[], None]
+    """Called on the event loop once the write is committed; never if it is lost."""
+
+
 class ResourceStore(abc.ABC):
     hashes_content: ClassVar[bool] = False
     """Whether :meth:`write_versions` compares contents by ``NewVersion.content_hash``:
@@ -218,6 +229,7 @@ class ResourceStore(abc.ABC):
         origin: Origin | None = None,
         checkpoint: Checkpoint | None = None,
         restamp: Stamp | None = None,
+        group: WriteGroup | None = None,
     ) -> WriteResult:
         """Store versions prepared elsewhere as first versions (``first_version``, or
         ``new_version`` with no previous one: a seeding process, an import's lines); any
@@ -226,13 +238,27 @@ class ResourceStore(abc.ABC):
         lastUpdated. ``origin`` and ``checkpoint`` as for :meth:`write`, in the same one
         transaction. ``restamp``: the versions carry this pending stamp
         (:meth:`Stamp.pending`), to be replaced by the time of the write transaction.
-        Backends may do this faster than this default."""
-        return await self.write(
+        ``group``: the write need not be committed before the call returns. A backend may
+        commit it later with other grouped writes (SQLite: ``SqliteDatabase.run_grouped``),
+        whole, and before any other call on the store, then call ``group.on_commit``. If
+        that shared transaction fails, the next grouped write of the same owner, or its
+        :meth:`commit_grouped`, raises ``WritesLost``. Backends may do this faster than
+        this default, which commits before it returns."""
+        result = await self.write(
             [orjson.loads(v.raw) for v in versions],
             keep_last_updated=restamp is None,
             origin=origin,
             checkpoint=checkpoint,
         )
+        if group is not None:
+            group.on_commit()
+        return result
+
+    async def commit_grouped(self, owner: Hashable) -> None:
+        """Commit the grouped writes not yet committed (``write_versions(group=...)``);
+        ``WritesLost`` when a transaction that held some of ``owner``'s was rolled back
+        since its last grouped call. The default backend leaves none uncommitted."""
+        return None
 
     async def snapshot(self) -> tuple[int, datetime]:
         """An export's snapshot: ``(seq, time)``, such that every version with a larger

@@ -135,6 +135,11 @@ class StoreError(ExportSvcError):
     retriable = True
 
 
+class WritesLost(StoreError):
+    """Writes that shared a transaction with a failed one were rolled back with it: the
+    batch resumes from its last committed checkpoint."""
+
+
 class PreparingFailed(ExportSvcError):
     """The process that prepares import lines ended (killed?): the batch resumes from its
     last checkpoint with a new one."""

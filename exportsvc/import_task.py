@@ -30,14 +30,14 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from datastore.resources import Origin, WriteResult
+from datastore.resources import Origin, WriteGroup, WriteResult
 from datastore.versioning import NewVersion, Stamp
 from exportsvc.errors import ExportSvcError, PreparingFailed
 from exportsvc.ndjson_input import Prepared, owned_blocks, prepare_block
 from exportsvc.preparer import PREPARER, PreparerFailed
 from exportsvc.records import ImportBatchRecord, JobRecord
 from exportsvc.sources import SourceReader
-from exportsvc.tasks import JobTask, outcome_line
+from exportsvc.tasks import JobTask, outcome_line, shielded
 
 POSITION_BITS = 40  # an input offset below 1 TiB; the input index above it
 
@@ -135,22 +135,40 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
                 return
             record.offset = record.end if record.offset < record.end else record.offset
             await self._checkpoint()
+        except BaseException:
+            await self._abandon()
+            raise
         finally:
             await blocks.aclose()  # the input is closed now, whatever stopped the loop
             await chunks.aclose()
-            if self._writing is not None:  # failing: the write still ends before the worker
-                with contextlib.suppress(Exception):  # records the failure
-                    await asyncio.shield(self._writing)
         await self._complete()
+
+    async def _abandon(self) -> None:
+        """Failing: the write under way ends, and what this run wrote is committed or known
+        lost, before the worker reads the record to count the failure against it."""
+        writing, self._writing = self._writing, None
+        with contextlib.suppress(Exception):
+            if writing is not None:
+                await asyncio.shield(writing)
+        with contextlib.suppress(Exception):  # lost: the record is the last committed one
+            await asyncio.shield(self.resources.commit_grouped(self._owner))
 
     async def _stop_requested(self) -> bool:
         if self._stopping():
             await self._settle()  # a stop saves the record: never before the write does
         return await super()._stop_requested()
 
+    @property
+    def _owner(self) -> tuple[str, int]:
+        """Whose grouped writes these are: this run's, told apart from any other run's."""
+        return self.record.id, self.record.lease.version
+
     async def _checkpoint(self) -> None:
+        """The last checkpoint of a run (it ends, pauses or drains): written, and then
+        committed with every block before it, before anything is built on it."""
         await self._settle()
         await super()._checkpoint()
+        await shielded(self.resources.commit_grouped(self._owner))
 
     async def _checkpoint_soon(self) -> None:
         """Commit the files, start writing the block with its checkpoint, and go on: the
@@ -159,10 +177,10 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
         self._writing = asyncio.ensure_future(self._persist())
 
     async def _settle(self) -> None:
+        """Wait for the block under way to be written (not committed: see ``_persist``)."""
         writing, self._writing = self._writing, None
         if writing is not None:
             await asyncio.shield(writing)
-            self._checkpointed()
 
     async def _report(self, prepared: Prepared, sources: SourceReader) -> None:
         """Write a block's refused lines to the batch's error file (committed with it)."""
@@ -184,10 +202,13 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
         return record.first_line + record.lines_read
 
     async def _persist(self) -> None:
-        """The block's resources and the checkpoint in one transaction."""
+        """The block's resources and the checkpoint in one transaction. On SQLite it may
+        be shared with the blocks written after it, of this batch and others (a commit
+        per block costs a third more): the checkpoint is logged once it has committed."""
         versions, positions = self._pending, self._positions
         self._pending, self._positions = [], []
         origin = Origin(self.record.parent_id or self.record.id, positions)
+        committed = partial(self._checkpointed, self._checkpoint_fields())
 
         def checkpoint(result: WriteResult) -> JobRecord:
             record = self.record
@@ -197,7 +218,11 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
             return record
 
         await self.resources.write_versions(
-            versions, origin=origin, checkpoint=checkpoint, restamp=self._stamp
+            versions,
+            origin=origin,
+            checkpoint=checkpoint,
+            restamp=self._stamp,
+            group=WriteGroup(self._owner, committed),
         )
 
 

@@ -45,7 +45,11 @@ def stores(
         )
         return PostgresOperationDataStore(postgres), PostgresResourceStore(postgres)
     # A reader per task the worker runs at once: each export item reads on its own.
-    database = SqliteDatabase(settings.database_path, readers=settings.worker_concurrency)
+    database = SqliteDatabase(
+        settings.database_path,
+        readers=settings.worker_concurrency,
+        group_rows=settings.import_group_rows,
+    )
     return SqliteOperationDataStore(database), SqliteResourceStore(database)
 
 

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     """A batch checkpoints (one transaction) after this many lines ..."""
     import_commit_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     """... or once its pending resources hold this many bytes: memory stays bounded."""
+    import_group_rows: int = Field(default=50_000, ge=0)
+    """SQLite: the checkpoints of all running batches share one transaction until it holds
+    this many rows (or is 2 s old, or anything else is written); 0: one each."""
 
     # export loop
     page_size: int = Field(default=2000, ge=1, le=100_000)

@@ -152,14 +152,15 @@ class JobTask(abc.ABC, Generic[R]):
     # -- checkpoint and stops -------------------------------------------------------------
 
     async def _persist(self) -> None:
-        """Save the record after a commit; import batches save it with their resources."""
+        """Save the record after a commit, and say so; import batches save it with their
+        resources (and say so once that has committed)."""
         await self.operations.save(self.record)
+        self._checkpointed(self._checkpoint_fields())
 
     async def _checkpoint(self) -> None:
         """Commit every touched file, then (and only then) persist the record."""
         await self._commit_files()
         await shielded(self._persist())
-        self._checkpointed()
 
     async def _commit_files(self) -> None:
         """A checkpoint's first half: commit every touched file, note their states."""
@@ -178,18 +179,19 @@ class JobTask(abc.ABC, Generic[R]):
         record.retry_after = None
         self._touched.clear()
 
-    def _checkpointed(self) -> None:
-        """A checkpoint's record is saved."""
+    def _checkpoint_fields(self) -> dict[str, Any]:
+        """What the ``job.checkpoint`` log line says of the record as it is now."""
         record = self.record
-        log.info(
-            "job.checkpoint",
-            extra={
-                "job": record.id,
-                "version": record.lease.version,
-                **self._progress(),
-                "files": len(record.output),
-            },
-        )
+        return {
+            "job": record.id,
+            "version": record.lease.version,
+            **self._progress(),
+            "files": len(record.output),
+        }
+
+    def _checkpointed(self, fields: dict[str, Any]) -> None:
+        """A checkpoint's record is saved (committed): operators and tests rely on it."""
+        log.info("job.checkpoint", extra=fields)
 
     async def _stop_requested(self) -> bool:
         """Handle cancel, pause and drain at a page boundary; True when the task stops."""

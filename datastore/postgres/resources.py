@@ -82,6 +82,7 @@ from datastore.resources import (
     Page,
     ResourceStore,
     VersionRow,
+    WriteGroup,
     WriteResult,
     to_micros,
 )
@@ -176,16 +177,29 @@ class PostgresResourceStore(ResourceStore):
         origin: Origin | None = None,
         checkpoint: Checkpoint | None = None,
         restamp: Stamp | None = None,
+        group: WriteGroup | None = None,
     ) -> WriteResult:
         """Versions an import prepared with their content hash and a pending stamp go
         straight in as rows of ``resources`` (binary ``COPY``: no staging, no merge) when
         their resource has no version yet and comes once; the others are staged from their
         bytes, unparsed, and merged. Versions prepared otherwise are staged as :meth:`write`
-        stages resources."""
+        stages resources. Each write commits before it returns, grouped or not."""
         if restamp is None or any(v.content_hash is None for v in versions):
             return await super().write_versions(
-                versions, origin=origin, checkpoint=checkpoint, restamp=restamp
+                versions, origin=origin, checkpoint=checkpoint, restamp=restamp, group=group
             )
+        result = await self._write_prepared(versions, origin, checkpoint, restamp)
+        if group is not None:
+            group.on_commit()
+        return result
+
+    async def _write_prepared(
+        self,
+        versions: Sequence[NewVersion],
+        origin: Origin | None,
+        checkpoint: Checkpoint | None,
+        restamp: Stamp,
+    ) -> WriteResult:
         positions: Sequence[int | None] = origin.positions if origin else [None] * len(versions)
         job = origin.job_id if origin else None
         async with self.db.transaction() as conn:

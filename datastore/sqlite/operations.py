@@ -51,11 +51,13 @@ class SqliteOperationDataStore(OperationDataStore):
         return stored, created
 
     async def get(self, job_id: str) -> Job | None:
-        row = await self.db.run(lambda c: c.execute(Q["get"], {"id": job_id}).fetchone())
+        # Status reads use the read connections: on the writer's thread every poll would
+        # end an import's group of writes early (SqliteDatabase.run_grouped).
+        row = await self.db.read(lambda c: c.execute(Q["get"], {"id": job_id}).fetchone())
         return record_from_row(row) if row else None
 
     async def children(self, parent_id: str) -> list[Job]:
-        rows = await self.db.run(lambda c: c.execute(Q["children"], {"id": parent_id}).fetchall())
+        rows = await self.db.read(lambda c: c.execute(Q["children"], {"id": parent_id}).fetchall())
         return [record_from_row(r) for r in rows]
 
     async def acquire(self, owner: str, lease_seconds: float, now: datetime) -> Job | None:
@@ -127,7 +129,7 @@ class SqliteOperationDataStore(OperationDataStore):
     async def list(self, *, client: str | None = None, limit: int = 100) -> list[Job]:
         params: dict[str, object] = {"limit": limit, "client": client}
         sql = Q["list_all"] if client is None else Q["list_client"]
-        rows = await self.db.run(lambda c: c.execute(sql, params).fetchall())
+        rows = await self.db.read(lambda c: c.execute(sql, params).fetchall())
         return [record_from_row(r) for r in rows]
 
     # -- secrets (ciphertext only; exportsvc.secrets encrypts) -------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Hashable, Iterable, Mapping, Sequence
 from datetime import datetime
 from functools import cache, partial
 from pathlib import Path
@@ -25,6 +25,7 @@ from datastore.resources import (
     Page,
     ResourceStore,
     VersionRow,
+    WriteGroup,
     WriteResult,
     to_micros,
 )
@@ -120,9 +121,17 @@ class SqliteResourceStore(ResourceStore):
         origin: Origin | None = None,
         checkpoint: Checkpoint | None = None,
         restamp: Stamp | None = None,
+        group: WriteGroup | None = None,
     ) -> WriteResult:
         write = partial(_write_versions, versions, origin, checkpoint, restamp)
+        if group is not None:
+            return await self.db.run_grouped(
+                write, rows=len(versions), owner=group.owner, on_commit=group.on_commit
+            )
         return await self.db.run(lambda c: transaction(c, write))
+
+    async def commit_grouped(self, owner: Hashable) -> None:
+        await self.db.commit_grouped(owner)
 
     async def snapshot(self) -> tuple[int, datetime]:
         def snapshot(conn: sqlite3.Connection) -> tuple[int, datetime]:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from datastore.operations import OperationDataStore
-from datastore.resources import Origin, ResourceStore, WriteResult
+from datastore.resources import Origin, ResourceStore, WriteGroup, WriteResult
 from datastore.versioning import Stamp, first_version
 from exportsvc.errors import LeaseLost
 from exportsvc.records import (
@@ -134,7 +134,8 @@ def write(
     """One write, as resources (``write``), as versions stamped beforehand
     (``write_versions``), or as an import prepares them, with a pending stamp and, for a
     store that compares by it, the content hash (and the key hash, for one that finds
-    resources by it): the same rules every way."""
+    resources by it), in a write that may share its transaction with others: the same
+    rules every way."""
     _, resources = stores
     if request.param == "write":
         return resources.write
@@ -147,7 +148,19 @@ def write(
         pending, hashed, keyed = Stamp.pending(), resources.hashes_content, resources.hashes_keys
         lines = [orjson.loads(orjson.dumps(r)) for r in batch]  # parsed, as an import does
         versions = [first_version(r, pending, hashed=hashed, keyed=keyed) for r in lines]
-        return await resources.write_versions(versions, restamp=pending, **kwargs)
+        told: list[str] = []
+        group = WriteGroup(("batch", 1), lambda: told.append("committed"))
+        try:
+            written = await resources.write_versions(
+                versions, restamp=pending, group=group, **kwargs
+            )
+        except BaseException:
+            await resources.commit_grouped(group.owner)
+            assert not told, "a write that failed was said to be committed"
+            raise
+        await resources.commit_grouped(group.owner)  # as a batch's last checkpoint does
+        assert told == ["committed"]  # by the time the call that committed it returns
+        return written
 
     return write_versions if request.param == "write_versions" else write_as_imported
 
