@@ -4,7 +4,10 @@ Each block of lines is one checkpoint: refused lines go to the batch's error fil
 (OperationOutcome ndjson naming input, line, byte offset and reason) through the
 destination commit protocol; then the valid resources and the new offset, counts and
 error-file state are written in ONE database transaction (``ResourceStore.write_versions``
-with a checkpoint), fenced by the lease. A resume re-reads from the recorded offset: error
+with a checkpoint), fenced by the lease. On SQLite that transaction may hold the blocks of
+other batches too (``WriteGroup``): a block is committed whole with its checkpoint, its
+``job.checkpoint`` line is logged once it is, and a batch commits its last checkpoint
+before it lets the job go. A resume re-reads from the recorded offset: error
 lines committed after it vanish on restore and are written once more; resources are
 upserted idempotently, so nothing is duplicated and nothing is lost.
 
