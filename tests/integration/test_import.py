@@ -23,6 +23,7 @@ from pydantic import SecretStr
 
 from datastore.resources import ResourceStore
 from exportsvc.api.keys import DESTINATIONS, OPERATIONS, RESOURCES, SECRETS
+from exportsvc.errors import WritesLost
 from exportsvc.import_task import ImportBatchTask
 from exportsvc.preparer import PREPARER
 from exportsvc.records import ImportBatchRecord, ImportJobRecord, JobStatus, utcnow
@@ -464,6 +465,84 @@ async def test_crash_between_error_commit_and_checkpoint(
         # per line, none written twice by the resume; every other resource once.
         assert counts.pop(("Patient", "dup")) == 12
         assert set(counts.values()) == {1}
+
+
+class _DiskFull(Exception):
+    """A write fails inside its transaction."""
+
+
+async def test_a_write_that_fails_costs_no_other_batch_a_line(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Two batches write at once; one block's transaction fails. On SQLite the blocks of
+    both shared it, so the other batch is told (``WritesLost``) instead of going on past
+    lines it lost; on PostgreSQL it never notices. Both resume from what they committed:
+    every line stored once, no line read twice."""
+    root = tmp_path / "inputs"
+    root.mkdir()
+    names = ("a", "b")
+    for name in names:
+        lines = [orjson.dumps({"resourceType": "Patient", "id": f"{name}{i}"}) for i in range(40)]
+        (root / f"{name}.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+    update = {"import_batch_bytes": 100_000, "import_lines_per_commit": 5}
+    async with serve(importer(settings, root, **update), with_worker=False, patients=0) as (
+        server,
+        client,
+    ):
+        urls = [(root / f"{name}.ndjson").as_uri() for name in names]
+        status_url = await start_import(client, parameters(*urls, type_="Patient"))
+        app = server.app
+        operations, store = app[OPERATIONS], app[RESOURCES]
+        facilities = {
+            "operations": operations,
+            "resources": store,
+            "secrets": app[SECRETS],
+            "destinations": app[DESTINATIONS],
+            "settings": app[DESTINATIONS].settings,
+        }
+        batches = [await operations.acquire("w1", 30, utcnow()) for _ in names]
+        assert all(isinstance(b, ImportBatchRecord) for b in batches)
+        failing = batches[1]
+        original = store.write_versions
+        writes = 0
+
+        async def third_write_fails(*args: Any, **kwargs: Any) -> Any:
+            nonlocal writes
+            if kwargs["group"].owner[0] == failing.id:
+                writes += 1
+                if writes == 3:  # inside its transaction, as a full disk would
+
+                    def checkpoint(result: Any) -> Any:
+                        raise _DiskFull()
+
+                    kwargs["checkpoint"] = checkpoint
+            return await original(*args, **kwargs)
+
+        store.write_versions = third_write_fails  # type: ignore[method-assign]
+        tasks = [ImportBatchTask(b, **facilities).run() for b in batches]  # type: ignore[arg-type]
+        other, failed = await asyncio.gather(*tasks, return_exceptions=True)
+        store.write_versions = original  # type: ignore[method-assign]
+        assert isinstance(failed, _DiskFull), failed
+        if settings.database_url is None:
+            assert isinstance(other, WritesLost), other
+        else:
+            assert other is None, other
+
+        later = utcnow() + timedelta(seconds=31)
+        while (resumed := await operations.acquire("w2", 30, later)) is not None:
+            assert isinstance(resumed, ImportBatchRecord)
+            await ImportBatchTask(resumed, **facilities).run()
+        _, manifest = await finished(client, status_url)
+        assert sum(e["count"] for e in manifest["output"]) == 80
+        report = await validate(server, status_url)
+        assert report.ok, report.render()
+        assert await versions(store) == {
+            ("Patient", f"{n}{i}"): 1 for n in names for i in range(40)
+        }
+        parent = status_url.rsplit("/", 1)[1]
+        done = [b for b in await operations.children(parent) if isinstance(b, ImportBatchRecord)]
+        assert sum(b.created for b in done) == 80
+        assert sum(b.unchanged + b.updated for b in done) == 0  # no committed line read twice
 
 
 async def test_azure_blob_inputs_read_with_the_service_credential(
