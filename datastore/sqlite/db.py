@@ -195,7 +195,7 @@ dirties most leaf pages of the randomly keyed indexes; its commit writes them al
 loop (c)'s own inserts took 19.4-21.3 s per 1M in transactions of 4,600 rows and
 11.7-13.4 s in 50,000. Alternated 1M imports: 26.3/25.1/24.9/24.4 s grouped,
 25.7/27.6/26.8/27.8 s not, at the same peak RSS. At 10M no gain (630 s against 613 s, one
-run each): there a group touches more index leaves than the writer's cache holds."""
+run each), probably because a group there touches more index leaves than the cache holds."""
 
 
 class _Group:
