@@ -403,6 +403,18 @@ async def test_a_killed_preparing_process_costs_a_retry_not_a_line(
     assert original([os.getpid]) != killed[0], "a new child prepares after the kill"
 
 
+def task_facilities(app: web.Application) -> dict[str, Any]:
+    """What a worker gives an ImportBatchTask, from the app's stores: tests that run
+    batches by hand, with no worker."""
+    return {
+        "operations": app[OPERATIONS],
+        "resources": app[RESOURCES],
+        "secrets": app[SECRETS],
+        "destinations": app[DESTINATIONS],
+        "settings": app[DESTINATIONS].settings,
+    }
+
+
 class _Crash(BaseException):
     """The worker process dies here."""
 
@@ -425,15 +437,8 @@ async def test_crash_between_error_commit_and_checkpoint(
         client,
     ):
         status_url = await start_import(client, parameters(path.as_uri(), type_="Patient"))
-        app = server.app
-        operations, store = app[OPERATIONS], app[RESOURCES]
-        facilities = {
-            "operations": operations,
-            "resources": store,
-            "secrets": app[SECRETS],
-            "destinations": app[DESTINATIONS],
-            "settings": app[DESTINATIONS].settings,
-        }
+        operations, store = server.app[OPERATIONS], server.app[RESOURCES]
+        facilities = task_facilities(server.app)
         batch = await operations.acquire("w1", 30, utcnow())
         assert isinstance(batch, ImportBatchRecord)
         original = store.write_versions
@@ -491,15 +496,8 @@ async def test_a_write_that_fails_costs_no_other_batch_a_line(
     ):
         urls = [(root / f"{name}.ndjson").as_uri() for name in names]
         status_url = await start_import(client, parameters(*urls, type_="Patient"))
-        app = server.app
-        operations, store = app[OPERATIONS], app[RESOURCES]
-        facilities = {
-            "operations": operations,
-            "resources": store,
-            "secrets": app[SECRETS],
-            "destinations": app[DESTINATIONS],
-            "settings": app[DESTINATIONS].settings,
-        }
+        operations, store = server.app[OPERATIONS], server.app[RESOURCES]
+        facilities = task_facilities(server.app)
         batches = [await operations.acquire("w1", 30, utcnow()) for _ in names]
         assert all(isinstance(b, ImportBatchRecord) for b in batches)
         failing = batches[1]
