@@ -47,6 +47,14 @@ def backoff_seconds(failures: int, settings: Settings, rng: random.Random | None
     return ceiling * (0.5 + 0.5 * draw)
 
 
+def _report_lost(record: JobRecord, signals: JobSignals) -> None:
+    """Say once per lease that another worker owns the job now (the heartbeat and the
+    task can each find out first), and stop the task at its next step."""
+    if not signals.lost.is_set():
+        log.warning("job.lease_lost", extra={"job": record.id})
+        signals.lost.set()
+
+
 @dataclass(slots=True)
 class _Running:
     task: asyncio.Task[None]
@@ -153,9 +161,10 @@ class Worker:
                     record.id, record.lease.version, self.settings.lease_seconds, utcnow()
                 )
             except LeaseLost:
-                if not signals.released.is_set() and not await self._given_back(record):
-                    log.warning("job.lease_lost", extra={"job": record.id})
-                signals.lost.set()
+                if signals.released.is_set() or await self._given_back(record):
+                    signals.lost.set()  # its own task let go: nothing was lost
+                else:
+                    _report_lost(record, signals)
                 return
             except Exception:
                 log.exception("job.heartbeat_failed", extra={"job": record.id})
@@ -183,6 +192,7 @@ class Worker:
         if record.restart_count > self.settings.max_restarts and not record.cancel_requested:
             await self._fail(
                 record,
+                signals,
                 ExportSvcError(
                     f"the job was interrupted {record.restart_count} times without finishing "
                     "(worker crashes); it was stopped to avoid looping forever"
@@ -210,28 +220,35 @@ class Worker:
         try:
             await task.run()
         except LeaseLost:
-            if not signals.lost.is_set():  # the heartbeat has not said so already
-                log.warning("job.lease_lost", extra={"job": record.id})
+            _report_lost(record, signals)
         except asyncio.CancelledError:
-            await shielded(self._release_after_cancel(record))
+            await shielded(self._release_after_cancel(record, signals))
             raise
         except ExportSvcError as exc:
-            await self._fail(record, exc)
+            await self._fail(record, signals, exc)
         except Exception as exc:
             log.exception("job.crashed", extra={"job": record.id})
-            await self._fail(record, ExportSvcError("internal error while exporting"), cause=exc)
+            error = ExportSvcError("internal error while exporting")
+            await self._fail(record, signals, error, cause=exc)
 
     async def _fail(
         self,
         record: JobRecord,
+        signals: JobSignals,
         exc: ExportSvcError,
         *,
         final: bool = False,
         cause: BaseException | None = None,
     ) -> None:
-        """Count a failure against the last checkpoint: ``retriable`` or ``failed``."""
+        """Count a failure against the last checkpoint: ``retriable`` or ``failed``.
+
+        A task whose lease another worker took often fails before its heartbeat notices
+        (a stalled writer's next commit meets the new owner's ETag): that failure is not
+        the job's, so it counts nothing, and the worker says the lease was lost.
+        """
         stored = await self.operations.get(record.id)
         if stored is None or stored.lease.version != record.lease.version:
+            _report_lost(record, signals)
             return
         stored.failure_count += 1
         stored.last_error = exc.message
@@ -254,22 +271,27 @@ class Worker:
         try:
             await shielded(self.operations.save(stored))
         except LeaseLost:
+            _report_lost(record, signals)
             return
         if stored.status == JobStatus.FAILED and stored.secret_name:
             await self.secrets.delete(stored.secret_name)
         if stored.status == JobStatus.FAILED and stored.parent_id:
             await self.operations.settle(stored.parent_id)
 
-    async def _release_after_cancel(self, record: JobRecord) -> None:
+    async def _release_after_cancel(self, record: JobRecord, signals: JobSignals) -> None:
         """Past the drain grace: keep the last checkpoint, hand the job back to the queue."""
         stored = await self.operations.get(record.id)
         if stored is None or stored.lease.version != record.lease.version:
+            _report_lost(record, signals)
             return
         stored.status = JobStatus.QUEUED
         stored.lease.owner = None
         stored.lease.expires_at = None
-        with contextlib.suppress(LeaseLost):
+        try:
             await self.operations.save(stored)
+        except LeaseLost:
+            _report_lost(record, signals)
+            return
         log.info("job.released", extra={"job": record.id})
 
     async def _drain(self) -> None:

@@ -174,3 +174,28 @@ async def test_a_lease_another_worker_took_is_reported_lost(
         signals = await _heartbeat_after(harness, take_over)
     assert signals.lost.is_set()
     assert "job.lease_lost" in [r.getMessage() for r in caplog.records]
+
+
+async def test_a_task_that_fails_after_its_lease_was_taken_counts_nothing(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stalled worker's task often fails before its heartbeat notices the new owner
+    (its next commit meets the new owner's ETag). That failure is not the job's: the
+    stored job, the new owner's, is untouched, and the worker says its lease was lost."""
+    job = await harness.submit(types=["Patient"])
+    record = await harness.acquire("the-worker")
+    later = utcnow() + timedelta(minutes=5)  # past the lease: as after a stall
+    taken = await harness.runtime.operations.acquire("another-worker", 30, later)
+    assert taken is not None and taken.id == record.id == job.id
+    await harness.runtime.secrets.delete(job.secret_name or "")  # so the task fails
+    signals = JobSignals()
+    with caplog.at_level(logging.INFO, logger="exportsvc.worker"):
+        await worker(harness)._process(record, signals)
+    stored = await harness.runtime.operations.get(job.id)
+    assert stored is not None
+    assert (stored.status, stored.lease.owner) == (JobStatus.RUNNING, "another-worker")
+    assert stored.lease.version == taken.lease.version
+    assert stored.failure_count == 0 and stored.last_error is None
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count("job.lease_lost") == 1, said
+    assert "job.retriable" not in said and signals.lost.is_set()
