@@ -361,15 +361,15 @@ def _write_versions(
         seq += 1
         if stamp is not None:
             last_updated, raw = micros, raw.replace(old, new)
-        rows.append((seq, type_, id_, 1, last_updated, 0, raw, None, job, pos, hash_))
+        rows.append((seq, type_, id_, last_updated, raw, job, pos, hash_))
         for patient in members:  # a loop, not a generator: one per row adds up
             patients.append((patient, seq))
         written.append((type_, id_, 1))
         if len(rows) >= FULL_INSERT:  # inserted as they are made: no copy of the block
-            insert_full(conn, Q["insert_version"], rows)
+            insert_full(conn, Q["insert_first_version"], rows)
             insert_full(conn, Q["insert_patient"], patients)
     result.created = len(written)
-    insert_many(conn, Q["insert_version"], rows)
+    insert_many(conn, Q["insert_first_version"], rows)
     insert_many(conn, Q["insert_patient"], patients)
     if later:
         raws = [versions[i].raw for i in later]

@@ -18,6 +18,12 @@ INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_
                        import_job, import_pos, key_hash)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
 
+-- name: insert_first_version
+-- A first version (the import's fast path): the columns every one has alike are not bound.
+INSERT INTO resources (seq, type, id, version, last_updated, deleted, raw, next_seq,
+                       import_job, import_pos, key_hash)
+VALUES (?, ?, ?, 1, ?, 0, ?, NULL, ?, ?, ?);
+
 -- name: set_import_pos
 UPDATE resources SET import_job = ?, import_pos = ? WHERE seq = ?;
 
