@@ -199,3 +199,26 @@ async def test_a_task_that_fails_after_its_lease_was_taken_counts_nothing(
     said = [r.getMessage() for r in caplog.records]
     assert said.count("job.lease_lost") == 1, said
     assert "job.retriable" not in said and signals.lost.is_set()
+
+
+async def test_a_release_past_the_drain_grace_leaves_a_taken_job_alone(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the drain grace a worker hands its job back to the queue, unless another
+    worker has taken it meanwhile: then it queues nothing over the new owner's lease and
+    says its lease was lost (no ``job.released``)."""
+    job = await harness.submit(types=["Patient"])
+    record = await harness.acquire("the-worker")
+    later = utcnow() + timedelta(minutes=5)
+    taken = await harness.runtime.operations.acquire("another-worker", 30, later)
+    assert taken is not None and taken.id == job.id
+    signals = JobSignals()
+    with caplog.at_level(logging.INFO, logger="exportsvc.worker"):
+        await worker(harness)._release_after_cancel(record, signals)
+    stored = await harness.runtime.operations.get(job.id)
+    assert stored is not None
+    assert (stored.status, stored.lease.owner) == (JobStatus.RUNNING, "another-worker")
+    assert stored.lease.version == taken.lease.version
+    said = [r.getMessage() for r in caplog.records]
+    assert said.count("job.lease_lost") == 1 and "job.released" not in said, said
+    assert signals.lost.is_set()
