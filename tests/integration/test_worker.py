@@ -176,25 +176,38 @@ async def test_a_lease_another_worker_took_is_reported_lost(
     assert "job.lease_lost" in [r.getMessage() for r in caplog.records]
 
 
+async def _taken_over(harness: Harness) -> tuple[ExportJobRecord, Job, Job]:
+    """A job "the-worker" leased, then "another-worker" took past that lease (as after a
+    stall): (the job, the first worker's record, the new owner's)."""
+    job = await harness.submit(types=["Patient"])
+    record = await harness.acquire("the-worker")
+    later = utcnow() + timedelta(minutes=5)  # past the lease: as after a stall
+    taken = await harness.runtime.operations.acquire("another-worker", 30, later)
+    assert taken is not None and taken.id == record.id == job.id
+    return job, record, taken
+
+
+async def _the_new_owners(harness: Harness, taken: Job) -> Job:
+    """The stored job, asserted still running under the new owner's lease."""
+    stored = await harness.runtime.operations.get(taken.id)
+    assert stored is not None
+    assert (stored.status, stored.lease.owner) == (JobStatus.RUNNING, "another-worker")
+    assert stored.lease.version == taken.lease.version
+    return stored
+
+
 async def test_a_task_that_fails_after_its_lease_was_taken_counts_nothing(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A stalled worker's task often fails before its heartbeat notices the new owner
     (its next commit meets the new owner's ETag). That failure is not the job's: the
     stored job, the new owner's, is untouched, and the worker says its lease was lost."""
-    job = await harness.submit(types=["Patient"])
-    record = await harness.acquire("the-worker")
-    later = utcnow() + timedelta(minutes=5)  # past the lease: as after a stall
-    taken = await harness.runtime.operations.acquire("another-worker", 30, later)
-    assert taken is not None and taken.id == record.id == job.id
+    job, record, taken = await _taken_over(harness)
     await harness.runtime.secrets.delete(job.secret_name or "")  # so the task fails
     signals = JobSignals()
     with caplog.at_level(logging.INFO, logger="exportsvc.worker"):
         await worker(harness)._process(record, signals)
-    stored = await harness.runtime.operations.get(job.id)
-    assert stored is not None
-    assert (stored.status, stored.lease.owner) == (JobStatus.RUNNING, "another-worker")
-    assert stored.lease.version == taken.lease.version
+    stored = await _the_new_owners(harness, taken)
     assert stored.failure_count == 0 and stored.last_error is None
     said = [r.getMessage() for r in caplog.records]
     assert said.count("job.lease_lost") == 1, said
@@ -207,18 +220,11 @@ async def test_a_release_past_the_drain_grace_leaves_a_taken_job_alone(
     """Past the drain grace a worker hands its job back to the queue, unless another
     worker has taken it meanwhile: then it queues nothing over the new owner's lease and
     says its lease was lost (no ``job.released``)."""
-    job = await harness.submit(types=["Patient"])
-    record = await harness.acquire("the-worker")
-    later = utcnow() + timedelta(minutes=5)
-    taken = await harness.runtime.operations.acquire("another-worker", 30, later)
-    assert taken is not None and taken.id == job.id
+    _, record, taken = await _taken_over(harness)
     signals = JobSignals()
     with caplog.at_level(logging.INFO, logger="exportsvc.worker"):
         await worker(harness)._release_after_cancel(record, signals)
-    stored = await harness.runtime.operations.get(job.id)
-    assert stored is not None
-    assert (stored.status, stored.lease.owner) == (JobStatus.RUNNING, "another-worker")
-    assert stored.lease.version == taken.lease.version
+    await _the_new_owners(harness, taken)
     said = [r.getMessage() for r in caplog.records]
     assert said.count("job.lease_lost") == 1 and "job.released" not in said, said
     assert signals.lost.is_set()
