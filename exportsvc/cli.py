@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 import time
@@ -24,17 +25,23 @@ from exportsvc.validator import validate_export, validate_import
 from exportsvc.views import JobView
 
 
+def _started() -> None:
+    """Start-up is over: what it built (modules, the app, pools, caches) lives as long as
+    the process. Frozen out of the cyclic garbage collector's way: otherwise each of its
+    full collections walks all of it again, holding the GIL for 25-50 ms, several times a
+    second while a job allocates (an import of 73,563 Observations on PostgreSQL spent
+    0.2-0.4 s of its 1.45-1.55 s so; frozen, a full collection takes 2-5 ms)."""
+    gc.freeze()
+
+
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     app = create_app(settings, with_worker=not args.no_worker)
-    asyncio.run(
-        serve(
-            app,
-            settings,
-            args.host,
-            args.port,
-            ready=lambda: print(f"exportsvc serving on http://{args.host}:{args.port}", flush=True),
-        )
-    )
+
+    def ready() -> None:
+        _started()
+        print(f"exportsvc serving on http://{args.host}:{args.port}", flush=True)
+
+    asyncio.run(serve(app, settings, args.host, args.port, ready=ready))
     return 0
 
 
@@ -44,6 +51,7 @@ async def _worker(settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
+        _started()
         await worker.run()
     return 0
 
