@@ -74,6 +74,7 @@ class ImportBatchTask(JobTask[ImportBatchRecord]):
     async def _run(self) -> None:
         record = self.record
         self._pending, self._positions = [], []
+        PREPARER.start()  # its start-up overlaps the input's check and first read
         sources = self.sources
         try:
             info = await sources.stat(record.input.url)

@@ -25,6 +25,7 @@ from destinations import DestinationFactory
 from exportsvc.errors import ExportSvcError, LeaseLost
 from exportsvc.export_task import ExportItemTask, ExportPlanTask
 from exportsvc.import_task import ImportBatchTask
+from exportsvc.preparer import PREPARER
 from exportsvc.records import (
     ExportItemRecord,
     ExportJobRecord,
@@ -75,6 +76,8 @@ class Worker:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _running: dict[str, _Running] = field(default_factory=dict)
+    _serving: bool = False
+    """Between the start and the end of :meth:`run`."""
 
     def wake(self, job_id: str = "") -> None:
         """New work may be there, or ``job_id`` changed (a kick-off, cancel or pause, in
@@ -83,6 +86,13 @@ class Worker:
         for running in self._running.values():
             if job_id and job_id in (running.record.id, running.record.parent_id):
                 running.poke.set()  # heartbeat at once: it brings the cancel or pause
+
+    def expect_import(self) -> None:
+        """An import was kicked off in this process: while this worker runs, start the
+        process that prepares import blocks now, so its start-up overlaps the kick-off
+        and the lease instead of delaying the first block."""
+        if self._serving and not self._stop.is_set():
+            PREPARER.start()
 
     def stop(self) -> None:
         """Begin the drain: stop acquiring, let running jobs reach a commit."""
@@ -95,10 +105,12 @@ class Worker:
 
     async def run(self) -> None:
         log.info("worker.started", extra={"worker": self.name})
+        self._serving = True
         try:
             async with self.operations.listen(self.wake):
                 await self._loop()
         finally:
+            self._serving = False
             await self._drain()
             log.info("worker.stopped", extra={"worker": self.name})
 

@@ -130,6 +130,7 @@ async def kickoff(request: web.Request) -> web.Response:
             "(EXPORTSVC_IMPORT_MAX_INPUTS)"
         )
     check_import_types(request, [item.type for item in wanted.inputs])
+    app[WORKER].expect_import()  # its preparing process starts while the inputs are checked
     for n, item in enumerate(wanted.inputs):
         info = await app[SOURCES].stat(item.url)
         if item.etag is not None and item.etag.strip('"') != info.etag:

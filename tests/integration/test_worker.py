@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import pytest
 
+from exportsvc.preparer import Preparer
 from exportsvc.records import ExportJobRecord, Job, JobStatus, utcnow
 from exportsvc.tasks import JobSignals
 from exportsvc.worker import Worker, _Running, backoff_seconds
@@ -92,6 +93,27 @@ async def test_drain_puts_running_jobs_back_in_the_queue(harness: Harness) -> No
     second.stop()
     await running
     assert (await harness.validate(done.id)).ok
+
+
+async def test_an_import_kick_off_starts_the_preparing_process_only_while_it_runs(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    preparer = Preparer()  # a real one of its own: not the process's shared child
+    monkeypatch.setattr("exportsvc.worker.PREPARER", preparer)
+    try:
+        w = worker(harness, poll_interval_seconds=0.05)
+        w.expect_import()  # not running (``serve --no-worker``): no child for nothing
+        assert preparer._process is None
+        running = asyncio.create_task(w.run())
+        await asyncio.sleep(0)
+        w.expect_import()
+        process = preparer._process
+        assert process is not None and process.poll() is None
+        w.stop()
+        await running
+        assert preparer._process is process  # kept for the next import, ended at exit
+    finally:
+        preparer.close()
 
 
 def test_backoff_grows_with_jitter(harness: Harness) -> None:

@@ -157,3 +157,41 @@ def test_a_handed_over_call_is_let_go_of_once_sent() -> None:
         running.join()
     finally:
         preparer.close()
+
+
+def _children() -> set[int]:
+    """This process's child processes (from /proc)."""
+    found: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as children:
+            found |= {int(pid) for pid in children.read().split()}
+    return found
+
+
+def test_start_begins_the_child_ahead_and_the_first_call_runs_in_it() -> None:
+    before = _children()
+    preparer = Preparer()
+    try:
+        preparer.start()
+        started = _children() - before
+        assert len(started) == 1, "start() begins one child, without a call"
+        preparer.start()  # running: nothing more
+        assert _children() - before == started
+        assert {preparer.call(os.getpid)} == started
+    finally:
+        preparer.close()
+    assert not started & _children()
+
+
+def test_start_does_not_wait_for_a_call_in_progress() -> None:
+    preparer = Preparer()
+    try:
+        calling = threading.Thread(target=preparer.call, args=(partial(time.sleep, 2),))
+        calling.start()
+        time.sleep(0.3)  # the call holds the child now
+        began = time.monotonic()
+        preparer.start()
+        assert time.monotonic() - began < 0.5
+        calling.join()
+    finally:
+        preparer.close()
