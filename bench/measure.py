@@ -10,9 +10,10 @@ service process. Every process and folder a measurement makes is gone when it re
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
+import statistics
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,42 @@ def repeated(ctx: Context, fn: Any, *args: Any, **kwargs: Any) -> dict[str, Any]
     return best([fn(ctx, *args, **kwargs) for _ in range(ctx.repeat)])
 
 
-def quiet_disk() -> None:
-    """Write back what earlier work left dirty (a store just copied, files just removed)
-    before a measurement starts, ideal loop or service alike: otherwise that writeback
-    competes with the measured writes and fsyncs of whichever runs next."""
-    os.sync()
+Measure = Callable[[], dict[str, Any]]
+
+
+def paired(ctx: Context, service: Measure, loops: dict[str, Measure]) -> dict[str, Any]:
+    """The service measured ``ctx.repeat`` times, each run right beside a run of each of
+    its ideal ``loops`` (the loops first in even rounds, the service first in odd ones), so
+    that the machine's drift (this shared VM's disk and CPU change speed within minutes)
+    falls on both sides of each ratio alike. The service's best run, with
+    ``pairs[loop]``: each round's loop seconds, service seconds and ratio (loop time over
+    service time), and ``paired_ratio[loop]``, the median of those ratios."""
+    rounds: list[tuple[dict[str, Any], dict[str, dict[str, Any]]]] = []
+    for n in range(ctx.repeat):
+        if n % 2:
+            run = service()
+            beside = {name: loop() for name, loop in loops.items()}
+        else:
+            beside = {name: loop() for name, loop in loops.items()}
+            run = service()
+        rounds.append((run, beside))
+    result = best([run for run, _ in rounds])
+    result["pairs"] = {
+        name: [
+            {
+                "loop_seconds": beside[name]["seconds"],
+                "seconds": run["seconds"],
+                "ratio": round(beside[name]["seconds"] / run["seconds"], 3),
+            }
+            for run, beside in rounds
+        ]
+        for name in loops
+    }
+    result["paired_ratio"] = {
+        name: round(statistics.median(p["ratio"] for p in pairs), 3)
+        for name, pairs in result["pairs"].items()
+    }
+    return result
 
 
 # -- ideal loops ----------------------------------------------------------------------
@@ -55,7 +87,7 @@ def quiet_disk() -> None:
 def ideal_files(ctx: Context, size: int) -> dict[str, Any]:
     out = ctx.scratch("ideal-fs")
     try:
-        quiet_disk()
+        ctx.quiet()
         started = time.perf_counter()
         resources, nbytes = scan_to_files(ctx.store(size) / "exportsvc.sqlite3", out)
         return measured(resources, nbytes, time.perf_counter() - started)
@@ -67,7 +99,7 @@ def ideal_files_postgres(ctx: Context, size: int) -> dict[str, Any]:
     dsn = ctx.postgres().dsn_for(ctx.postgres_store(size))
     out = ctx.scratch("ideal-fs-postgres")
     try:
-        quiet_disk()
+        ctx.quiet()
         started = time.perf_counter()
         resources, nbytes = asyncio.run(scan_postgres_to_files(dsn, out))
         return measured(resources, nbytes, time.perf_counter() - started)
@@ -81,7 +113,7 @@ def ideal_azure(ctx: Context, size: int, *, overlapped: bool) -> dict[str, Any]:
         container = ContainerClient.from_connection_string(azurite.connection_string, "ideal")
         container.create_container()
         try:
-            quiet_disk()
+            ctx.quiet()
             started = time.perf_counter()
             resources, nbytes = scan_to_azure(store, container, "ideal", overlapped=overlapped)
             return measured(resources, nbytes, time.perf_counter() - started)
@@ -93,14 +125,14 @@ def ideal_import(ctx: Context, size: int, *, backend: str) -> dict[str, Any]:
     files = sorted(ctx.inputs(size).glob("*.ndjson"))
     if backend == "postgres":
         dsn = ctx.new_database()
-        quiet_disk()
+        ctx.quiet()
         started = time.perf_counter()
         resources, nbytes = asyncio.run(load_postgres(files, dsn))
         return measured(resources, nbytes, time.perf_counter() - started)
     data = ctx.scratch("ideal-import")
     try:
         run_cli(data, "migrate")
-        quiet_disk()
+        ctx.quiet()
         started = time.perf_counter()
         resources, nbytes = load_sqlite(files, data / "exportsvc.sqlite3")
         return measured(resources, nbytes, time.perf_counter() - started)
@@ -151,7 +183,7 @@ def _service_export(ctx: Context, size: int, azure: str | None, backend: str) ->
     try:
         with Service(data, data / "serve.log", **settings) as service:
             idle = service.rss_kib()
-            quiet_disk()
+            ctx.quiet()
             started = time.perf_counter()
             response = http_json(f"{service.url}/$export", headers=EXPORT_HEADERS)
             manifest = _follow(service, response)
@@ -219,7 +251,7 @@ def service_import(ctx: Context, size: int, *, backend: str) -> dict[str, Any]:
     try:
         with Service(data, data / "serve.log", **settings) as service:
             idle = service.rss_kib()
-            quiet_disk()
+            ctx.quiet()
             started = time.perf_counter()
             response = http_json(
                 f"{service.url}/$import",

@@ -100,6 +100,16 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"| {_fmt(r.get('peak_anon_mb'), 1)} "
             f"| {_fmt(r.get('ratio'), 2)} |"
         )
+    pairs = [
+        f"- {name} against {loop}: "
+        + ", ".join(f"{p['loop_seconds']:.2f}/{p['seconds']:.2f} = {p['ratio']:.2f}" for p in runs)
+        + f" (median {r['paired_ratio'][loop]:.2f})"
+        for name, r in results.items()
+        for loop, runs in r.get("pairs", {}).items()
+    ]
+    if pairs:
+        lines += ["", "Each round's loop and service run side by side (loop s / service s):"]
+        lines += pairs
     lines += ["", "| scenario | target | value | wanted | met |", "|" + " --- |" * 5]
     for name, r in results.items():
         if r["status"] != "ok":
@@ -118,7 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=100_000, help="resources (about)")
     parser.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per measurement (best)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="rounds per measurement: best of them, and the median of the service's ratios "
+        "to a loop run beside each (default 3 up to 1M resources, 1 above)",
+    )
     parser.add_argument("--kickoff-size", type=int, default=400_000)
     parser.add_argument("--memory-reference-size", type=int, default=100_000)
     parser.add_argument("--drain-trials", type=int, default=3)
@@ -131,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         help="an EXPORTSVC_ setting for the service, e.g. block_bytes=8388608 (repeatable)",
     )
     args = parser.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 3 if args.size <= 1_000_000 else 1
     settings = dict(s.split("=", 1) for s in args.setting)
     names = expand(args.scenarios)
     started = datetime.now(UTC)

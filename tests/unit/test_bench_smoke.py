@@ -1,9 +1,10 @@
 """The benchmarks run once at a tiny size, so they cannot rot (no speed is asserted).
 
 ``bench/run.py`` runs as a subprocess with every scenario, a store of a few hundred
-resources and a temporary results folder; the test checks only that it wrote a
-well-formed result with every scenario in it, each ``ok`` (Azurite and PostgreSQL may be
-``skipped`` where they are not installed, but not under CI). ``bench/store_writes.py``
+resources, two rounds per measurement and a temporary results folder; the test checks
+only that it wrote a well-formed result with every scenario in it, each ``ok`` (Azurite
+and PostgreSQL may be ``skipped`` where they are not installed, but not under CI), and
+that each ratio is the median of its rounds' paired runs. ``bench/store_writes.py``
 (the store's write path alone) runs too.
 """
 
@@ -61,6 +62,8 @@ def test_bench_runs_every_scenario_at_a_tiny_size(tmp_path: Path) -> None:
             "300",
             "--drain-trials",
             "1",
+            "--repeat",
+            "2",
             "--out",
             str(out),
             "--work",
@@ -88,6 +91,23 @@ def test_bench_runs_every_scenario_at_a_tiny_size(tmp_path: Path) -> None:
         scenario = result["scenarios"][name]
         assert scenario["resources"] > 0 and scenario["bytes"] > 0 and scenario["seconds"] > 0, name
     assert result["scenarios"]["export_fs"]["resources"] == result["resources"]
+    # Each ratio is the median of two rounds, a service run beside a run of its loop each.
+    paired = {
+        name: scenario
+        for name, scenario in result["scenarios"].items()
+        if scenario["status"] == "ok" and "pairs" in scenario
+    }
+    assert {"export_fs", "import_sqlite"} <= paired.keys()
+    for name, scenario in paired.items():
+        assert scenario["pairs"].keys() == scenario["paired_ratio"].keys(), name
+        for loop, rounds in scenario["pairs"].items():
+            assert len(rounds) == 2, (name, loop)
+            for r in rounds:
+                assert r["ratio"] == round(r["loop_seconds"] / r["seconds"], 3), (name, r)
+            median = (rounds[0]["ratio"] + rounds[1]["ratio"]) / 2
+            assert scenario["paired_ratio"][loop] == round(median, 3), (name, loop)
+        assert scenario["ratio"] == scenario["paired_ratio"][scenario["ideal_loop"]], name
+        assert scenario["seconds"] == min(r["seconds"] for r in rounds), name
     # The PostgreSQL store is seeded with the same data: the same bytes come out of it.
     same = [result["scenarios"][n] for n in ("ideal_fs_postgres", "export_postgres")]
     for scenario in [s for s in same if s["status"] == "ok"]:
