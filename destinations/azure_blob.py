@@ -105,6 +105,7 @@ class AzureBlobDestination(ExportDestinationClient):
         block_bytes: int = 4 << 20,
         uploads: int = 2,
         scope: str | None = None,
+        containers: set[str] | None = None,
     ) -> None:
         super().__init__(job_id, scope)
         if not job_id or "/" in job_id or job_id.startswith("."):
@@ -116,6 +117,9 @@ class AzureBlobDestination(ExportDestinationClient):
         self.uploads = max(uploads, 1)
         self.session = secrets.token_hex(4)
         self._files: dict[str, _File] = {}
+        self._containers = containers if containers is not None else set()
+        """Containers of ``service`` known to exist (the factory shares one set per
+        account): ``connect`` creates one only when it is not known."""
 
     def _blob(self, name: str) -> BlobClient:
         if not name or "/" in name or "\\" in name or name.startswith("."):
@@ -144,8 +148,18 @@ class AzureBlobDestination(ExportDestinationClient):
     # -- writing ----------------------------------------------------------------------
 
     async def _connect(self) -> None:
+        name = self.container.container_name
+        if name in self._containers:
+            return  # no round trip per work item; forgotten if it turns out to be gone
         with contextlib.suppress(ResourceExistsError):
             await self.container.create_container()
+        self._containers.add(name)
+
+    def _gone(self, exc: BaseException) -> None:
+        """A request failed with 404: the container may have been deleted, so the next
+        ``connect`` (the retry) creates it again instead of trusting that it exists."""
+        if isinstance(exc, ResourceNotFoundError):
+            self._containers.discard(self.container.container_name)
 
     async def _restore(self, files: Sequence[OutputFile]) -> None:
         self._files.clear()
@@ -223,7 +237,8 @@ class AzureBlobDestination(ExportDestinationClient):
             except asyncio.CancelledError:
                 head.task = None
                 raise
-            except Exception:
+            except Exception as exc:
+                self._gone(exc)
                 others = [u.task for u in entry.uploads if u.task is not None]
                 await asyncio.gather(*others, return_exceptions=True)
                 for upload in entry.uploads:
@@ -264,17 +279,22 @@ class AzureBlobDestination(ExportDestinationClient):
             if etag is not None
             else {"match_condition": MatchConditions.IfMissing}
         )
-        result = await blob.commit_block_list(
-            [BlobBlock(i) for i in ids],  # BlockState.LATEST; see the module docstring
-            content_settings=ContentSettings(content_type=NDJSON),
-            **condition,
-        )
+        try:
+            result = await blob.commit_block_list(
+                [BlobBlock(i) for i in ids],  # BlockState.LATEST; see the module docstring
+                content_settings=ContentSettings(content_type=NDJSON),
+                **condition,
+            )
+        except ResourceNotFoundError as exc:
+            self._gone(exc)
+            raise
         return str(result["etag"])
 
-    async def _finalize(self, files: Sequence[OutputFile]) -> None:
+    async def _finalize(self, files: Sequence[OutputFile], sweep: bool) -> None:
         keep = {f.name for f in files}
         self._files = {name: e for name, e in self._files.items() if name in keep}
-        await self._delete_unlisted(keep)
+        if sweep:
+            await self._delete_unlisted(keep)
 
     async def _delete_all(self) -> None:
         await self._drop_files()

@@ -81,10 +81,12 @@ class ExportDestinationClient(abc.ABC):
         except Exception as exc:
             raise self._translate("commit", exc) from exc
 
-    async def finalize(self, files: Sequence[OutputFile]) -> None:
-        """At completion: delete every file of the job that ``files`` does not list."""
+    async def finalize(self, files: Sequence[OutputFile], *, sweep: bool = True) -> None:
+        """At completion: delete every file of the job that ``files`` does not list, and
+        let go of its handles. ``sweep=False``: the caller knows there is no such file
+        (no earlier run wrote any), so the destination is not listed."""
         try:
-            await self._finalize(files)
+            await self._finalize(files, sweep)
         except Exception as exc:
             raise self._translate("finalize", exc) from exc
 
@@ -136,7 +138,7 @@ class ExportDestinationClient(abc.ABC):
     async def _commit(self, files: Sequence[OutputFile]) -> list[OutputFile]: ...
 
     @abc.abstractmethod
-    async def _finalize(self, files: Sequence[OutputFile]) -> None: ...
+    async def _finalize(self, files: Sequence[OutputFile], sweep: bool) -> None: ...
 
     @abc.abstractmethod
     async def _delete_all(self) -> None: ...

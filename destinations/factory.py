@@ -27,6 +27,8 @@ class DestinationFactory:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._services: dict[str, BlobServiceClient] = {}
+        self._containers: dict[str, set[str]] = {}
+        """Per account: the containers known to exist (``AzureBlobDestination``)."""
         self._credential: Any = None
 
     def secret_for(self, container: str | None = None) -> dict[str, Any]:
@@ -67,6 +69,7 @@ class DestinationFactory:
                 str(secret["container"]),
                 block_bytes=self.settings.block_bytes,
                 scope=scope,
+                containers=self._containers.setdefault(_account(secret), set()),
             )
         raise ExportSvcError(f"unknown destination type {kind!r}")
 
@@ -81,7 +84,7 @@ class DestinationFactory:
         return self._service(self.secret_for())
 
     def _service(self, secret: Mapping[str, Any]) -> BlobServiceClient:
-        key = str(secret.get("connection_string") or secret.get("account_url"))
+        key = _account(secret)
         service = self._services.get(key)
         if service is None:
             options: dict[str, Any] = {
@@ -117,3 +120,8 @@ class DestinationFactory:
         if self._credential is not None:
             await self._credential.close()
             self._credential = None
+
+
+def _account(secret: Mapping[str, Any]) -> str:
+    """What tells one Azure account (and its credentials) from another in a secret."""
+    return str(secret.get("connection_string") or secret.get("account_url"))

@@ -126,9 +126,11 @@ class FilesystemDestination(ExportDestinationClient):
         await asyncio.to_thread(_sync_folder, self.folder)
         return committed
 
-    async def _finalize(self, files: Sequence[OutputFile]) -> None:
+    async def _finalize(self, files: Sequence[OutputFile], sweep: bool) -> None:
         keep = {f.name for f in files}
         await self._close_all()
+        if not sweep:
+            return
         for entry in await asyncio.to_thread(lambda: list(self.folder.iterdir())):
             if self._owned(entry) and entry.name not in keep:
                 await asyncio.to_thread(entry.unlink)

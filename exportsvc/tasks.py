@@ -81,6 +81,14 @@ class JobTask(abc.ABC, Generic[R]):
         self._touched: set[str] = set()
 
     @property
+    def _first_lease(self) -> bool:
+        """Whether this is the record's first lease. Then no run came before this one, so
+        nobody wrote under its scope: there is nothing to reconcile when it starts, nor
+        to sweep when it ends (each a listing of the destination, a round trip per work
+        item that waits behind the uploads of the others)."""
+        return self.record.lease.version == 1
+
+    @property
     def dest(self) -> ExportDestinationClient:
         assert self._dest is not None, "destination not connected"
         return self._dest
@@ -122,7 +130,8 @@ class JobTask(abc.ABC, Generic[R]):
         self._dest = self.destinations.create(self.folder, secret, self.scope)
         try:
             await self.dest.connect()
-            await self.dest.restore(record.output)
+            if not self._first_lease:
+                await self.dest.restore(record.output)
             log.info(
                 "job.started",
                 extra={"job": record.id, "version": record.lease.version, **self._progress()},
@@ -219,7 +228,8 @@ class JobTask(abc.ABC, Generic[R]):
             await self.operations.settle(self.record.parent_id)
 
     async def _complete(self) -> None:
-        """Mark the job done (fenced), then delete what the record does not list.
+        """Mark the job done (fenced), then delete what the record does not list (after
+        a first lease nothing can be unlisted: every file this run began is listed).
 
         In this order a worker that lost its lease can never delete the new owner's
         files: its fenced save fails first. A crash between the two leaves unlisted
@@ -227,7 +237,7 @@ class JobTask(abc.ABC, Generic[R]):
         record = self.record
         record.completed_at = utcnow()
         await self._release(JobStatus.COMPLETED)
-        await self.dest.finalize(record.output)
+        await self.dest.finalize(record.output, sweep=not self._first_lease)
         await self._forget_secret()
         log.info("job.completed", extra={"job": record.id, **self._progress()})
 

@@ -11,6 +11,7 @@ import base64
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import aiohttp
 import pytest
@@ -34,6 +35,7 @@ from tests.contract.test_destination import (
     test_commit_returns_committed_state,
     test_delete_all,
     test_finalize_keeps_only_listed_files,
+    test_finalize_without_a_sweep_lets_go_and_deletes_nothing,
     test_restore_drops_what_the_checkpoint_does_not_know,
     test_restore_refuses_lost_committed_data,
 )
@@ -43,6 +45,7 @@ __all__ = [  # the shared contract, collected here against Azure
     "test_commit_returns_committed_state",
     "test_delete_all",
     "test_finalize_keeps_only_listed_files",
+    "test_finalize_without_a_sweep_lets_go_and_deletes_nothing",
     "test_restore_drops_what_the_checkpoint_does_not_know",
     "test_restore_refuses_lost_committed_data",
 ]
@@ -284,6 +287,48 @@ async def test_delete_all_keeps_other_jobs(
     assert [n async for n in blob_names(service, container)] == ["job10/Patient-0001.ndjson"]
     for client in clients:
         await client.close()
+
+
+async def test_a_container_is_created_once_and_again_once_it_is_gone(
+    azurite: Azurite, container: str
+) -> None:
+    """Work items share what the process knows of its containers: one creation, not
+    one per item; a container deleted behind the service's back fails the write that
+    meets its absence (retriable), and the retry's ``connect`` creates it again."""
+    creations: list[str] = []
+
+    def record(response: Any) -> None:
+        request = response.http_request
+        if request.method == "PUT" and "restype=container" in request.url:
+            creations.append(request.url)
+
+    known: set[str] = set()
+    async with BlobServiceClient.from_connection_string(
+        azurite.connection_string, raw_response_hook=record
+    ) as service:
+
+        async def export(job_id: str) -> None:
+            client = AzureBlobDestination(job_id, service, container, containers=known)
+            try:
+                await client.connect()
+                f = new_file()
+                await client.start_file(f)
+                await client.write(f.name, b"{}\n")
+                await client.commit([f])
+            finally:
+                await client.close()
+
+        await export("job1")
+        await export("job2")
+        assert len(creations) == 1 and known == {container}
+        await service.delete_container(container)
+        with pytest.raises(DestinationError, match="HTTP 404"):
+            await export("job3")
+        assert known == set()
+        await export("job3")  # the retry
+        assert len(creations) == 2
+        names = [n async for n in blob_names(service, container)]
+        assert names == ["job3/Patient-0001.ndjson"]
 
 
 # -- errors ---------------------------------------------------------------------------

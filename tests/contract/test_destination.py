@@ -86,6 +86,22 @@ async def test_restore_refuses_lost_committed_data(dest: ExportDestinationClient
         await dest.restore([f.model_copy(update={"committed_bytes": 100})])
 
 
+async def test_finalize_without_a_sweep_lets_go_and_deletes_nothing(
+    dest: ExportDestinationClient, make_destination: Factory
+) -> None:
+    """A first lease's end: nothing unlisted can be there, so nothing is looked for."""
+    listed, other = new_file("Patient", 1), new_file("Patient", 2)
+    for f in (listed, other):
+        await dest.start_file(f)
+        await dest.write(f.name, b"{}\n")
+    listed, other = await dest.commit([listed, other])
+    await dest.finalize([listed], sweep=False)
+    await dest.close()
+    reader = make_destination("job1")
+    assert await content(reader, listed.name) == b"{}\n"
+    assert await content(reader, other.name) == b"{}\n"
+
+
 async def test_finalize_keeps_only_listed_files(dest: ExportDestinationClient) -> None:
     keep, drop = new_file("Patient", 1), new_file("Patient", 2)
     for f in (keep, drop):

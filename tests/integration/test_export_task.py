@@ -211,6 +211,60 @@ def _count_pages(store: ResourceStore) -> Callable[[], int]:
     return lambda: calls
 
 
+def _reconciling(harness: Harness) -> list[tuple[str, str | None, bool]]:
+    """Note each reconcile (``restore``) and each end (``finalize``, with or without its
+    sweep) of the destinations the tasks create from now on: (what, scope, sweep)."""
+    factory = harness.runtime.destinations
+    create = factory.create
+    calls: list[tuple[str, str | None, bool]] = []
+
+    def noting(job_id: str, secret: Any, scope: str | None = None) -> Any:
+        dest = create(job_id, secret, scope)
+        restore, finalize = dest.restore, dest.finalize
+
+        async def restoring(files: Any) -> None:
+            calls.append(("restore", scope, True))
+            await restore(files)
+
+        async def finalizing(files: Any, *, sweep: bool = True) -> None:
+            calls.append(("finalize", scope, sweep))
+            await finalize(files, sweep=sweep)
+
+        dest.restore, dest.finalize = restoring, finalizing  # type: ignore[method-assign]
+        return dest
+
+    factory.create = noting  # type: ignore[method-assign]
+    return calls
+
+
+async def test_a_first_lease_neither_reconciles_nor_sweeps_and_a_resumed_one_does(
+    harness: Harness,
+) -> None:
+    calls = _reconciling(harness)
+    job_id, item = await one_item(harness, types=["Observation"])
+    assert item.lease.version == 1
+    drained = await harness.run_draining(item, "page", 3)
+    assert drained.status == JobStatus.QUEUED
+    assert calls == [], "nothing but this run can have written under a first lease"
+    resumed = await harness.acquire()
+    assert resumed.id == item.id and resumed.lease.version == 2
+    done = await harness.run(resumed)
+    assert done.status == JobStatus.COMPLETED
+    assert calls == [("restore", "Observation", True), ("finalize", "Observation", True)]
+    report = await harness.validate(job_id)
+    assert report.ok, report.render()
+
+
+async def test_a_first_lease_ends_without_a_sweep(harness: Harness) -> None:
+    calls = _reconciling(harness)
+    job_id, item = await one_item(harness, types=["Patient"])
+    done = await harness.run(item)
+    assert done.status == JobStatus.COMPLETED
+    assert calls == [("finalize", "Patient", False)]
+    report = await harness.validate(job_id)
+    assert report.ok, report.render()
+
+
 async def test_drain_releases_with_a_checkpoint_and_resumes(harness: Harness) -> None:
     job_id, item = await one_item(harness, types=["Observation"])
     store = harness.runtime.resources
