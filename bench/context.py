@@ -69,7 +69,7 @@ class Context:
         100k import writes about 180 MB of WAL; past ``max_wal_size`` the server starts a
         checkpoint, which otherwise lands in whichever measurement runs then)."""
         if self._postgres is not None:
-            asyncio.run(_checkpoint(self._postgres.dsn))
+            asyncio.run(_execute(self._postgres.dsn, "CHECKPOINT"))
         os.sync()
 
     def scratch(self, name: str) -> Path:
@@ -137,7 +137,7 @@ class Context:
             run_cli(folder, "migrate", database_url=dsn)
             run_cli(folder, "seed", "--patients", str(patients), database_url=dsn)
             shutil.rmtree(folder)
-            asyncio.run(_analyze(dsn))
+            asyncio.run(_execute(dsn, "ANALYZE"))
             self._postgres_stores[patients] = name
         return self._postgres_stores[patients]
 
@@ -156,17 +156,9 @@ class Context:
         return dsn
 
 
-async def _checkpoint(dsn: str) -> None:
+async def _execute(dsn: str, statement: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("CHECKPOINT")
-    finally:
-        await conn.close()
-
-
-async def _analyze(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("ANALYZE")
+        await conn.execute(statement)
     finally:
         await conn.close()
