@@ -2,7 +2,7 @@
 
 Service measurements start ``exportsvc serve`` (default settings plus the destination or
 database under test) on its own copy of the data, time kick-off to manifest as a client
-sees it (polling with Retry-After capped at 0.2 s), also note the job's own
+sees it (polling with Retry-After capped at 0.05 s), also note the job's own
 ``createdAt``..``completedAt`` from ``/_admin/jobs/{id}``, and read the peak RSS of the
 service process. Every process and folder a measurement makes is gone when it returns.
 """
