@@ -31,12 +31,17 @@ positions, and inserts the versions and their compartment rows. An import's chec
 saved in the same transaction, fenced by its lease. No resource goes to Python and back.
 An import's lines arrive as versions its preparing process already parsed, stamped with
 a pending stamp and hashed (:meth:`write_versions`, ``hashes_content``), and are never
-parsed here (parsing them again cost a 100k import a third of its time). Under the lock,
-one index probe per line finds which resources exist. The others, first versions of a
-resource met once in the batch, the whole of an initial load, go straight into
-``resources`` by binary ``COPY``, stamped and numbered here: no staging table and no merge,
-which cost the server twice a ``COPY``'s time. The rest are staged from their bytes, split
-around the version number, and merged after them.
+parsed here (parsing them again cost a 100k import a third of its time). First versions
+of resources met once in the batch that have none yet, the whole of an initial load, go
+straight into ``resources`` by binary ``COPY``, stamped and numbered here: no staging
+table and no merge, which cost the server twice a ``COPY``'s time. The rest are staged
+from their bytes, split around the version number, and merged after them. Which
+resources exist is not looked up first while an import meets none: the unique index on
+``(type, id, version)`` tells, since every resource that has versions has a version 1. A
+block whose ``COPY`` meets one rolls back, and it and every later block of that import
+look first, one index probe per line under the lock (:class:`_Probing`). An initial load
+so saves a probe per line: a 100k import took 6 to 11% less time, alternated with the
+probe in one harness.
 
 Stamps. An export's snapshot (:meth:`snapshot`) takes its time, then reads ``max(seq)``
 under the same lock: every version numbered after it must be stamped after that time, or
@@ -58,6 +63,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
+import asyncpg
 import orjson
 
 from datastore.postgres.db import Connection, PostgresDatabase, queries
@@ -139,6 +145,7 @@ class PostgresResourceStore(ResourceStore):
             else database
         )
         self.copy_threshold = copy_threshold
+        self._probing = _Probing()
 
     async def open(self) -> None:
         await self.db.open()
@@ -200,14 +207,40 @@ class PostgresResourceStore(ResourceStore):
         checkpoint: Checkpoint | None,
         restamp: Stamp,
     ) -> WriteResult:
+        """Write the versions in one transaction: without looking up which resources
+        exist while the import has met none, and again, looking first, if it meets one
+        (see the module's docstring)."""
+        job = origin.job_id if origin else None
+        if job is not None and not self._probing.wanted(job):
+            try:
+                return await self._write_prepared_once(
+                    versions, origin, checkpoint, restamp, probe=False
+                )
+            except _Exists:  # rolled back: nothing of the attempt is left
+                self._probing.add(job)
+        return await self._write_prepared_once(versions, origin, checkpoint, restamp, probe=True)
+
+    async def _write_prepared_once(
+        self,
+        versions: Sequence[NewVersion],
+        origin: Origin | None,
+        checkpoint: Checkpoint | None,
+        restamp: Stamp,
+        *,
+        probe: bool,
+    ) -> WriteResult:
         positions: Sequence[int | None] = origin.positions if origin else [None] * len(versions)
         job = origin.job_id if origin else None
         async with self.db.transaction() as conn:
             await conn.execute(Q["no_jit"])
             await conn.execute(Q["lock_writes"])
             stamp = Restamp.of(restamp, utcnow())
-            keys = await conn.fetch(
-                Q["current_keys"], [v.type for v in versions], [v.id for v in versions]
+            keys = (
+                await conn.fetch(
+                    Q["current_keys"], [v.type for v in versions], [v.id for v in versions]
+                )
+                if probe
+                else []
             )
             first = int(await conn.fetchval(Q["current_seq"]))
             fresh = await asyncio.to_thread(
@@ -219,7 +252,12 @@ class PostgresResourceStore(ResourceStore):
                 job,
                 positions,
             )
-            await self._insert_first(conn, fresh)
+            try:
+                await self._insert_first(conn, fresh)
+            except asyncpg.UniqueViolationError as exc:
+                if probe or exc.constraint_name != FIRST_VERSION_INDEX:
+                    raise
+                raise _Exists() from exc
             result = WriteResult(
                 created=len(fresh.rows), versions=[(r[1], r[2], 1) for r in fresh.rows]
             )
@@ -461,6 +499,33 @@ def _stage_versions(
         rows.append((i, v.type, v.id, v.last_updated, head, tail, digest, positions[i], at))
         patients += [(i, p) for p in v.patients]
     return Staging(rows, patients, len({(v.type, v.id) for v in versions}) == len(versions))
+
+
+FIRST_VERSION_INDEX = "resources_version"
+"""The unique index on ``(type, id, version)``: a first version that breaks it belongs to
+a resource that has versions already (each has a version 1)."""
+
+
+class _Exists(Exception):
+    """A write that looked nothing up first met a resource that exists."""
+
+
+class _Probing:
+    """The imports (by job id) whose writes look up which resources exist first: those
+    that met one. Bounded: an import forgotten here meets its next one once more."""
+
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, None] = {}
+
+    def wanted(self, job: str) -> bool:
+        return job in self._jobs
+
+    def add(self, job: str) -> None:
+        self._jobs[job] = None
+        while len(self._jobs) > self.LIMIT:
+            del self._jobs[next(iter(self._jobs))]  # the oldest
 
 
 FIRST_VERSION_COLUMNS = (

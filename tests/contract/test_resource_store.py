@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from datastore.resources import BlockQuery, ExportQuery, Origin, ResourceStore, WriteResult
-from datastore.versioning import Stamp, first_version
+from datastore.versioning import NewVersion, Stamp, first_version
 
 
 def patient(
@@ -412,4 +412,52 @@ async def test_a_batch_writes_as_its_resources_one_by_one(resources: ResourceSto
             assert await resources.delete("Patient", f"b-{gone}") == await resources.delete(
                 "Patient", f"s-{gone}"
             )
+    assert await histories(resources, "b-") == await histories(resources, "s-")
+
+
+async def test_imported_blocks_write_as_their_lines_one_by_one(resources: ResourceStore) -> None:
+    """Blocks as an import prepares them (a pending stamp; hashed and keyed as the store
+    wants), from several imports in turn, meeting only new resources or also ones that
+    exist (written before, by an earlier block of the same import, or twice in the
+    block), leave each resource the versions that writing its lines one at a time leaves,
+    and report the same counts."""
+    rng = random.Random(20261205)
+
+    def prepared(resource: dict[str, Any], prefix: str, pending: Stamp) -> NewVersion:
+        named = orjson.loads(orjson.dumps({**resource, "id": prefix + resource["id"]}))
+        return first_version(
+            named, pending, hashed=resources.hashes_content, keyed=resources.hashes_keys
+        )
+
+    for block in range(40):
+        size = rng.randint(1, 12)
+        draws = [random_patient(random.Random(rng.random()), "") for _ in range(size)]
+        for resource in draws:
+            if rng.random() < 0.5:  # one no block has met yet
+                resource["id"] = f"{block}-{rng.randrange(10**6)}"
+        job = f"imp-{block // 5}"  # five blocks an import
+        positions = [block * 100 + rng.randrange(100) for _ in range(size)]
+        pending = Stamp.pending()
+        batched = await resources.write_versions(
+            [prepared(r, "b-", pending) for r in draws],
+            origin=Origin(job, positions),
+            restamp=pending,
+        )
+        one_by_one = WriteResult()
+        for resource, position in zip(draws, positions, strict=True):
+            pending = Stamp.pending()
+            single = await resources.write_versions(
+                [prepared(resource, "s-", pending)],
+                origin=Origin(job, [position]),
+                restamp=pending,
+            )
+            one_by_one.add(single)
+        assert (batched.created, batched.updated, batched.unchanged) == (
+            one_by_one.created,
+            one_by_one.updated,
+            one_by_one.unchanged,
+        )
+        assert sorted(batched.versions) == sorted(
+            (t, i.replace("s-", "b-"), n) for t, i, n in one_by_one.versions
+        )
     assert await histories(resources, "b-") == await histories(resources, "s-")

@@ -269,6 +269,39 @@ async def test_write_and_checkpoint_share_a_transaction(
     assert unchanged is not None and unchanged["name"][0]["family"] == "X"
 
 
+async def test_a_block_that_meets_existing_resources_checkpoints_once(
+    stores: tuple[OperationDataStore, ResourceStore], write: Write
+) -> None:
+    """An import's first block meets only new resources, its second meets them again
+    (and one resource twice): each block's checkpoint is saved once, with that block's
+    counts, and its versions are numbered on from the block before's, with no gap."""
+    operations, resources = stores
+    parent, children = an_import(batches=1)
+    await operations.create_job(parent, children, max_active_per_client=5)
+    leased = await operations.acquire("w", 30, utcnow())
+    assert isinstance(leased, ImportBatchRecord)
+    results: list[tuple[int, int, int]] = []
+
+    def checkpoint(result: WriteResult) -> JobRecord:
+        assert isinstance(leased, ImportBatchRecord)
+        results.append((result.created, result.updated, result.unchanged))
+        leased.created += result.created
+        leased.updated += result.updated
+        leased.unchanged += result.unchanged
+        return leased
+
+    await write([patient("a", "X"), patient("b", "X")], origin=Origin(parent.id, [1, 2]))
+    second = [patient("a", "Y"), patient("b", "X"), patient("c", "X"), patient("c", "Z")]
+    await write(second, origin=Origin(parent.id, [3, 4, 5, 6]), checkpoint=checkpoint)
+    assert results == [(1, 2, 1)]
+    stored = await operations.get(leased.id)
+    assert isinstance(stored, ImportBatchRecord)
+    assert (stored.created, stored.updated, stored.unchanged) == (1, 2, 1)
+    versions = {v.seq: (v.id, v.version) async for v in resources.scan_versions()}
+    assert sorted(versions) == [1, 2, 3, 4, 5]
+    assert sorted(versions.values()) == [("a", 1), ("a", 2), ("b", 1), ("c", 1), ("c", 2)]
+
+
 async def test_a_released_parent_is_not_renewed_by_a_late_heartbeat(
     operations: OperationDataStore,
 ) -> None:
