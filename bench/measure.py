@@ -124,11 +124,11 @@ def ideal_azure(ctx: Context, size: int, *, overlapped: bool) -> dict[str, Any]:
 def ideal_import(ctx: Context, size: int, *, backend: str) -> dict[str, Any]:
     files = sorted(ctx.inputs(size).glob("*.ndjson"))
     if backend == "postgres":
-        dsn = ctx.new_database()
-        ctx.quiet()
-        started = time.perf_counter()
-        resources, nbytes = asyncio.run(load_postgres(files, dsn))
-        return measured(resources, nbytes, time.perf_counter() - started)
+        with ctx.new_database() as dsn:
+            ctx.quiet()
+            started = time.perf_counter()
+            resources, nbytes = asyncio.run(load_postgres(files, dsn))
+            return measured(resources, nbytes, time.perf_counter() - started)
     data = ctx.scratch("ideal-import")
     try:
         run_cli(data, "migrate")
@@ -168,12 +168,16 @@ def service_export(
 
 
 def _service_export(ctx: Context, size: int, azure: str | None, backend: str) -> dict[str, Any]:
-    settings = dict(ctx.settings)
-    if backend == "postgres":  # both stores in a copy of the seeded database
-        data = ctx.scratch("export-postgres")
-        settings["database_url"] = ctx.copy_postgres_store(size)
-    else:
-        data = ctx.copy_store(size, "export")
+    if backend != "postgres":
+        return _measure_export(ctx, ctx.copy_store(size, "export"), azure, {})
+    with ctx.copy_postgres_store(size) as dsn:  # both stores in a copy of the seeded one
+        return _measure_export(ctx, ctx.scratch("export-postgres"), azure, {"database_url": dsn})
+
+
+def _measure_export(
+    ctx: Context, data: Path, azure: str | None, database: dict[str, str]
+) -> dict[str, Any]:
+    settings = ctx.settings | database
     if azure is not None:
         settings |= {
             "destination": "azure-blob",
@@ -242,12 +246,17 @@ def import_body(files: list[Path]) -> dict[str, Any]:
 
 
 def service_import(ctx: Context, size: int, *, backend: str) -> dict[str, Any]:
+    if backend != "postgres":
+        return _measure_import(ctx, size, {})
+    with ctx.new_database() as dsn:
+        return _measure_import(ctx, size, {"database_url": dsn})
+
+
+def _measure_import(ctx: Context, size: int, database: dict[str, str]) -> dict[str, Any]:
     inputs = ctx.inputs(size)
     files = sorted(inputs.glob("*.ndjson"))
-    data = ctx.scratch(f"import-{backend}")
-    settings = ctx.settings | {"import_root": str(inputs)}
-    if backend == "postgres":
-        settings["database_url"] = ctx.new_database()
+    data = ctx.scratch(f"import-{'postgres' if database else 'sqlite'}")
+    settings = ctx.settings | database | {"import_root": str(inputs)}
     try:
         with Service(data, data / "serve.log", **settings) as service:
             idle = service.rss_kib()

@@ -222,6 +222,15 @@ class PostgresCluster:
     async def acreate_database(self, name: str) -> str:
         return await asyncio.to_thread(self.create_database, name)
 
+    def drop_database(self, name: str) -> None:
+        """Drop database ``name`` (a plain lower-case identifier), ending whatever sessions
+        still use it."""
+        if not _IDENTIFIER.match(name):
+            raise ValueError(f"not a plain database name: {name!r}")
+        done = self._psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if done.returncode != 0:
+            raise RuntimeError(f"DROP DATABASE {name} failed:\n{done.stderr}")
+
     def stop(self) -> None:
         """Stop this cluster's server (fast shutdown: running transactions roll back)."""
         if not self._started:

@@ -5,16 +5,24 @@ resources, two rounds per measurement and a temporary results folder; the test c
 only that it wrote a well-formed result with every scenario in it, each ``ok`` (Azurite
 and PostgreSQL may be ``skipped`` where they are not installed, but not under CI), and
 that each ratio is the median of its rounds' paired runs. ``bench/store_writes.py``
-(the store's write path alone) runs too.
+(the store's write path alone) runs too. A measurement on PostgreSQL drops its database
+when it ends.
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+
+import asyncpg
+import pytest
 
 from tests.postgres import require_binaries
 
@@ -132,3 +140,44 @@ def test_store_writes_runs_at_a_tiny_size() -> None:
     lines = done.stdout.splitlines()
     assert [line.split()[0] for line in lines[1:]] == ["sqlite", "postgres"] * 2, done.stdout
     assert all("initial" in line and "incremental" in line for line in lines[1:]), done.stdout
+
+
+@pytest.fixture
+def bench_context(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    """``bench/context.py``, imported as the bench imports it (``bench/`` on the path);
+    the bench's modules are forgotten again afterwards."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    own = {p.stem for p in (ROOT / "bench").glob("*.py")}
+    try:
+        yield importlib.import_module("context")
+    finally:
+        for name in own & sys.modules.keys():
+            del sys.modules[name]
+
+
+async def _databases(dsn: str) -> set[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {r[0] for r in await conn.fetch("SELECT datname FROM pg_database")}
+    finally:
+        await conn.close()
+
+
+def test_a_measurement_leaves_no_database_behind(
+    bench_context: ModuleType, tmp_path: Path
+) -> None:
+    require_binaries()  # skips without PostgreSQL (fails under CI)
+    ctx = bench_context.Context(size=300, work=tmp_path)
+    try:
+        cluster = ctx.postgres()
+        before = asyncio.run(_databases(cluster.dsn))
+        with ctx.new_database() as fresh:
+            with ctx.copy_postgres_store(300) as copy:
+                during = asyncio.run(_databases(cluster.dsn))
+        after = asyncio.run(_databases(cluster.dsn))
+    finally:
+        ctx.close()
+    names = {dsn.rsplit("/", 1)[1].split("?")[0] for dsn in (fresh, copy)}
+    assert names <= during - before
+    # what stays is only the seeded store the copies are made from
+    assert after - before == {f"store_{bench_context.patients_for(300)}p"}
