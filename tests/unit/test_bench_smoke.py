@@ -163,17 +163,14 @@ async def _databases(dsn: str) -> set[str]:
         await conn.close()
 
 
-def test_a_measurement_leaves_no_database_behind(
-    bench_context: ModuleType, tmp_path: Path
-) -> None:
+def test_a_measurement_leaves_no_database_behind(bench_context: ModuleType, tmp_path: Path) -> None:
     require_binaries()  # skips without PostgreSQL (fails under CI)
     ctx = bench_context.Context(size=300, work=tmp_path)
     try:
         cluster = ctx.postgres()
         before = asyncio.run(_databases(cluster.dsn))
-        with ctx.new_database() as fresh:
-            with ctx.copy_postgres_store(300) as copy:
-                during = asyncio.run(_databases(cluster.dsn))
+        with ctx.new_database() as fresh, ctx.copy_postgres_store(300) as copy:
+            during = asyncio.run(_databases(cluster.dsn))
         after = asyncio.run(_databases(cluster.dsn))
     finally:
         ctx.close()
