@@ -5,7 +5,8 @@ the rest and commits the blob's block list (the committed ids plus the new ones)
 committed state of a file is its block list, its byte length and the ETag of that commit.
 Up to ``uploads`` blocks of a file upload at a time while the writer goes on (the export
 reads its next pages meanwhile); a commit first waits for all of them, and a failed
-upload fails the next write or commit.
+upload fails the next write or commit. Every block carries its ``Content-MD5``, so the
+service refuses a block damaged in transit instead of committing it (``_Upload.send``).
 
 Fencing. Staging a block is never conditional in Azure, so only the commit can fence:
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +93,23 @@ class _Upload:
     data: bytes
     task: asyncio.Future[Any] | None = None
     """The Put Block request; None after it failed (the next wait sends it again)."""
+    md5: bytes | None = None
+    """The block's MD5, once computed (a block sent again is not hashed again)."""
+
+    async def send(self, blob: BlobClient) -> None:
+        """Put Block with ``Content-MD5``: the service checks the block against it and
+        refuses one damaged on its way (400 ``Md5Mismatch``, retriable: it is sent again,
+        never committed). The hash runs on a thread, off the event loop (hashlib lets go
+        of the GIL), while the export reads its next pages."""
+        if self.md5 is None:
+            self.md5 = await asyncio.to_thread(_md5, self.data)
+        await blob.stage_block(
+            self.block_id, self.data, length=len(self.data), transactional_content_md5=self.md5
+        )
+
+
+def _md5(data: bytes) -> bytes:
+    return hashlib.md5(data, usedforsecurity=False).digest()
 
 
 class AzureBlobDestination(ExportDestinationClient):
@@ -225,9 +244,7 @@ class AzureBlobDestination(ExportDestinationClient):
         while True:
             for upload in entry.uploads[: self.uploads]:
                 if upload.task is None:
-                    data = upload.data
-                    request = blob.stage_block(upload.block_id, data, length=len(data))
-                    upload.task = asyncio.ensure_future(request)
+                    upload.task = asyncio.ensure_future(upload.send(blob))
             if len(entry.uploads) <= at_most:
                 return
             head = entry.uploads[0]

@@ -331,6 +331,42 @@ async def test_a_container_is_created_once_and_again_once_it_is_gone(
         assert names == ["job3/Patient-0001.ndjson"]
 
 
+async def test_a_block_damaged_on_its_way_is_refused_and_sent_again(
+    azurite: Azurite, container: str
+) -> None:
+    """Every block carries its Content-MD5: one whose bytes change after it was hashed
+    (flipped here, between the client and the emulator) is refused with 400 Md5Mismatch,
+    so it is never committed; the failure is retriable, and the commit that follows sends
+    the same block again, intact."""
+    damaged: list[str] = []
+
+    def damage(request: Any) -> None:
+        http = request.http_request
+        if "comp=block&" in http.url and not damaged:
+            assert http.headers["Content-MD5"]  # the service's own check, on every block
+            damaged.append(http.headers["Content-MD5"])
+            http.data = b"X" + bytes(http.data)[1:]
+
+    async with BlobServiceClient.from_connection_string(
+        azurite.connection_string, raw_request_hook=damage
+    ) as service:
+        client = AzureBlobDestination("job1", service, container, block_bytes=16)
+        await client.connect()
+        f = new_file()
+        await client.start_file(f)
+        lines = [b"line one, a block of its own\n", b"line two\n"]
+        await client.write(f.name, lines[0])  # staged at once: over the block size
+        with pytest.raises(DestinationError, match="HTTP 400 Md5Mismatch") as caught:
+            await client.commit([f])
+        assert caught.value.retriable
+        await client.write(f.name, lines[1])
+        (f,) = await client.commit([f])
+        assert len(damaged) == 1
+        assert await content(client, f.name) == b"".join(lines)
+        assert f.committed_bytes == sum(map(len, lines))
+        await client.close()
+
+
 # -- errors ---------------------------------------------------------------------------
 
 
