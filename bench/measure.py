@@ -107,7 +107,7 @@ def ideal_files_postgres(ctx: Context, size: int) -> dict[str, Any]:
         shutil.rmtree(out)
 
 
-def ideal_azure(ctx: Context, size: int, *, overlapped: bool) -> dict[str, Any]:
+def ideal_azure(ctx: Context, size: int, *, overlapped: bool, md5: bool) -> dict[str, Any]:
     store = ctx.store(size) / "exportsvc.sqlite3"
     with ctx.azurite() as azurite:
         container = ContainerClient.from_connection_string(azurite.connection_string, "ideal")
@@ -115,7 +115,9 @@ def ideal_azure(ctx: Context, size: int, *, overlapped: bool) -> dict[str, Any]:
         try:
             ctx.quiet()
             started = time.perf_counter()
-            resources, nbytes = scan_to_azure(store, container, "ideal", overlapped=overlapped)
+            resources, nbytes = scan_to_azure(
+                store, container, "ideal", overlapped=overlapped, md5=md5
+            )
             return measured(resources, nbytes, time.perf_counter() - started)
         finally:
             container.close()

@@ -4,7 +4,8 @@
 
 Scenarios (``--scenarios`` takes names or the groups ``ideal``, ``export``, ``import``;
 what a chosen scenario needs runs too): the ideal loops (a) ``ideal_fs`` and
-``ideal_fs_postgres``, (b) ``ideal_azure`` and ``ideal_azure_sequential``, (c)
+``ideal_fs_postgres``, (b) ``ideal_azure`` and ``ideal_azure_sequential``, each also
+with Content-MD5 (``ideal_azure_md5``, ``ideal_azure_sequential_md5``), (c)
 ``ideal_import_sqlite`` and ``ideal_import_postgres``; then ``export_fs``,
 ``export_postgres``, ``export_azure``, ``kickoff`` (a store
 of ``--kickoff-size``, 400k by default), ``import_sqlite``, ``import_postgres``,
