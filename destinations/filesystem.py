@@ -16,7 +16,7 @@ import shutil
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from destinations.base import ExportDestinationClient
 from exportsvc.errors import DestinationConflict, DestinationError
@@ -168,9 +168,26 @@ class FilesystemDestination(ExportDestinationClient):
         return self._path(name)
 
     async def _read(self, name: str, chunk: int) -> AsyncGenerator[bytes, None]:
-        with await asyncio.to_thread(open, self._path(name), "rb") as handle:
+        with await _open_for_reading(self._path(name)) as handle:
             while data := await asyncio.to_thread(handle.read, chunk):
                 yield data
+
+
+async def _open_for_reading(path: Path) -> BinaryIO:
+    """``open(path, "rb")`` on a thread. A reader cancelled while the thread opens (a
+    download whose server shuts down) closes the file once it is open, instead of
+    leaving it to the garbage collector."""
+    opening = asyncio.ensure_future(asyncio.to_thread(open, path, "rb"))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        opening.add_done_callback(_close_opened)
+        raise
+
+
+def _close_opened(opening: asyncio.Future[Any]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 def _sync(handle: BinaryIO) -> int:

@@ -113,7 +113,7 @@ async def test_partial_manifests_grow_by_pages_that_never_change(settings: Setti
         first = await get_json(session, status_url, 202)
         assert {f["type"] for f in first["output"]} == {"Patient"} and "link" not in first
         async with session.get(first["output"][0]["url"]) as response:  # downloadable now
-            assert response.status == 200
+            assert response.status == 200 and await response.read()
         async with session.get(f"{status_url}/page/1") as response:
             assert response.status == 404  # not yet
 
