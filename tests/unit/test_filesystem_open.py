@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from destinations.filesystem import _open_for_reading
@@ -20,22 +21,32 @@ def _open_fds(path: Path) -> list[str]:
     return fds
 
 
-async def _until(condition: object, seconds: float = 5.0) -> None:
+async def _until(condition: Callable[[], object], seconds: float = 5.0) -> object:
+    """``condition()``'s first true value, polled with a deadline."""
     deadline = asyncio.get_running_loop().time() + seconds
-    while not condition():  # type: ignore[operator]
+    while not (value := condition()):
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.01)
+    return value
+
+
+def _writer(fifo: Path) -> int | None:
+    """A writer's end of ``fifo``, once a reader is in ``open()`` (before: ENXIO)."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
 
 
 async def test_a_reader_cancelled_while_opening_closes_the_file(tmp_path: Path) -> None:
     fifo = tmp_path / "Patient-0001.ndjson"
     os.mkfifo(fifo)  # opening it for reading blocks until a writer comes
     reader = asyncio.ensure_future(_open_for_reading(fifo))
-    await asyncio.sleep(0.05)  # the thread is in open() now
-    reader.cancel()
-    writer = await asyncio.to_thread(os.open, fifo, os.O_WRONLY)  # the open returns
+    writer = await _until(lambda: _writer(fifo))  # the reader's thread is in open()
+    assert isinstance(writer, int)
+    reader.cancel()  # before the loop has heard that the open returned
     try:
-        await _until(lambda: reader.done())
+        await _until(reader.done)
         assert reader.cancelled()
         await _until(lambda: _open_fds(fifo) == [str(writer)])  # the reader's is closed
     finally:
